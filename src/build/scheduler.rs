@@ -1,0 +1,235 @@
+//! Realising a plan: every derivation that is not yet a valid entry is
+//! built, independent ones in parallel up to the job limit, each after its
+//! inputs.
+//!
+//! Concurrency is bounded in one place: `jobs` worker threads, each running
+//! one builder at a time (default: the number of cores, since a build
+//! usually keeps one core busy). Across processes the per-entry lock keeps
+//! one builder per path, and the shared gc lock keeps gc away.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use super::local::{self, Outcome};
+use super::plan::Plan;
+use super::{BuildError, Event, Observer};
+use crate::store::Store;
+use crate::store::lock::LockMode;
+
+/// How to realise a plan.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Builds at once.
+    pub jobs: usize,
+    /// Cores each build is told it may use.
+    pub cores: usize,
+    /// Go on with independent builds after a failure.
+    pub keep_going: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
+        Options {
+            jobs: cores,
+            cores,
+            keep_going: false,
+        }
+    }
+}
+
+/// What realising a plan did.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct Report {
+    /// Entries this run built.
+    pub built: Vec<String>,
+    /// Entries that were valid already (or were built by another process).
+    pub present: Vec<String>,
+    /// Stale temporaries removed first.
+    pub swept: usize,
+    pub seconds: f64,
+}
+
+/// The entries of `plan` that are not valid in `store`, in build order.
+pub fn missing(store: &Store, plan: &Plan) -> Vec<String> {
+    plan.order
+        .iter()
+        .filter(|n| !store.is_valid(n))
+        .cloned()
+        .collect()
+}
+
+struct State {
+    /// Unbuilt inputs left per waiting entry.
+    waiting: BTreeMap<String, usize>,
+    ready: VecDeque<String>,
+    running: usize,
+    stop: bool,
+    failures: Vec<BuildError>,
+    report: Report,
+}
+
+/// Build what `plan` lacks in `store`.
+pub fn realise(
+    store: &Store,
+    plan: &Plan,
+    options: &Options,
+    observer: &dyn Observer,
+) -> Result<Report, BuildError> {
+    let start = Instant::now();
+    let need = missing(store, plan);
+    let present: Vec<String> = plan
+        .order
+        .iter()
+        .filter(|n| !need.contains(n))
+        .cloned()
+        .collect();
+    observer.event(Event::Planned {
+        to_build: &need,
+        present: present.len(),
+    });
+    if need.is_empty() {
+        return Ok(Report {
+            present,
+            seconds: start.elapsed().as_secs_f64(),
+            ..Report::default()
+        });
+    }
+    store.ensure_writable()?;
+    let _gc = store.lock_gc(LockMode::Shared, true)?;
+    let swept = store.sweep()?;
+
+    let need_set: BTreeSet<&String> = need.iter().collect();
+    let mut dependents: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    let mut waiting = BTreeMap::new();
+    let mut ready = VecDeque::new();
+    for name in &need {
+        let node = &plan.nodes[name];
+        let unbuilt: Vec<&String> = node
+            .drv
+            .inputs
+            .iter()
+            .filter(|i| need_set.contains(i))
+            .collect();
+        for i in &unbuilt {
+            dependents.entry(i.as_str()).or_default().push(name);
+        }
+        if unbuilt.is_empty() {
+            ready.push_back(name.clone());
+        } else {
+            waiting.insert(name.clone(), unbuilt.len());
+        }
+    }
+    let state = Mutex::new(State {
+        waiting,
+        ready,
+        running: 0,
+        stop: false,
+        failures: Vec::new(),
+        report: Report {
+            present,
+            swept,
+            ..Report::default()
+        },
+    });
+    let wake = Condvar::new();
+    let workers = options.jobs.max(1).min(need.len());
+
+    std::thread::scope(|scope| {
+        for _ in 0..workers {
+            scope.spawn(|| {
+                loop {
+                    let name = {
+                        let Ok(mut st) = state.lock() else { return };
+                        loop {
+                            if st.stop {
+                                return;
+                            }
+                            if let Some(n) = st.ready.pop_front() {
+                                st.running += 1;
+                                break n;
+                            }
+                            if st.running == 0 {
+                                return;
+                            }
+                            st = match wake.wait_timeout(st, Duration::from_millis(500)) {
+                                Ok((g, _)) => g,
+                                Err(_) => return,
+                            };
+                        }
+                    };
+                    let node = &plan.nodes[&name];
+                    observer.event(Event::Started {
+                        module: &node.module,
+                        name: &name,
+                    });
+                    let t0 = Instant::now();
+                    let result = local::build_node(store, node, options.cores);
+                    let Ok(mut st) = state.lock() else { return };
+                    st.running -= 1;
+                    match result {
+                        Ok(outcome) => {
+                            observer.event(Event::Finished {
+                                module: &node.module,
+                                name: &name,
+                                seconds: t0.elapsed().as_secs_f64(),
+                                elsewhere: matches!(outcome, Outcome::BuiltElsewhere),
+                            });
+                            match outcome {
+                                Outcome::Built(_) => st.report.built.push(name.clone()),
+                                Outcome::BuiltElsewhere => st.report.present.push(name.clone()),
+                            }
+                            for dep in dependents.get(name.as_str()).into_iter().flatten() {
+                                if let Some(left) = st.waiting.get_mut(*dep) {
+                                    *left -= 1;
+                                    if *left == 0 {
+                                        st.waiting.remove(*dep);
+                                        st.ready.push_back((*dep).to_string());
+                                    }
+                                }
+                            }
+                        }
+                        Err(e) => {
+                            observer.event(Event::Failed {
+                                module: &node.module,
+                                name: &name,
+                                error: &e,
+                            });
+                            st.failures.push(e);
+                            if !options.keep_going {
+                                st.stop = true;
+                            }
+                        }
+                    }
+                    wake.notify_all();
+                }
+            });
+        }
+    });
+
+    let st = state
+        .into_inner()
+        .map_err(|_| BuildError::Internal("a build worker panicked".into()))?;
+    let mut failures = st.failures;
+    if !failures.is_empty() {
+        let skipped = need.len()
+            - st.report.built.len()
+            - failures.len()
+            - st.report
+                .present
+                .iter()
+                .filter(|p| need_set.contains(p))
+                .count();
+        return Err(if failures.len() == 1 && skipped == 0 {
+            failures.remove(0)
+        } else {
+            BuildError::Several { failures, skipped }
+        });
+    }
+    let mut report = st.report;
+    report.seconds = start.elapsed().as_secs_f64();
+    Ok(report)
+}

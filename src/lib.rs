@@ -1,0 +1,20 @@
+//! punix: a cross-arch build-and-deploy orchestrator.
+//!
+//! The library holds everything; the `punix` binary parses the command
+//! line, calls into it, renders progress and maps errors to exit codes.
+//!
+//! - [`recipe`]: recipe files, checked with `file:line:col` diagnostics.
+//! - [`store`]: the content-addressed store (layout, derivations, content
+//!   hashes, locks, gc).
+//! - [`build`]: plans, local builds, the parallel scheduler.
+//! - [`platform`]: system strings (`x86_64-linux`, ...).
+
+pub mod build;
+pub mod config;
+pub mod error;
+pub mod files;
+pub mod platform;
+pub mod recipe;
+pub mod store;
+
+pub use error::Error;
