@@ -1,0 +1,129 @@
+//! A small harness: run the real `punix` binary in a private temp
+//! directory (its own HOME, store root and recipes).
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub struct Test {
+    pub dir: tempfile::TempDir,
+}
+
+pub struct Run {
+    pub out: Output,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    pub fn code(&self) -> i32 {
+        self.out.status.code().unwrap_or(-1)
+    }
+
+    #[track_caller]
+    pub fn success(self) -> Run {
+        assert!(
+            self.out.status.success(),
+            "punix failed ({:?})\nstdout:\n{}\nstderr:\n{}",
+            self.out.status,
+            self.stdout,
+            self.stderr
+        );
+        self
+    }
+
+    #[track_caller]
+    pub fn failure(self, code: i32) -> Run {
+        assert_eq!(
+            self.code(),
+            code,
+            "unexpected exit code\nstdout:\n{}\nstderr:\n{}",
+            self.stdout,
+            self.stderr
+        );
+        self
+    }
+}
+
+impl Test {
+    pub fn new() -> Test {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir_all(dir.path().join("home")).unwrap();
+        fs::create_dir_all(dir.path().join("pkgs")).unwrap();
+        Test { dir }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn store(&self) -> PathBuf {
+        self.path().join("store")
+    }
+
+    pub fn pkgs(&self) -> PathBuf {
+        self.path().join("pkgs")
+    }
+
+    /// Write a file under the recipes directory.
+    pub fn file(&self, rel: &str, text: &str) -> &Test {
+        let p = self.pkgs().join(rel);
+        fs::create_dir_all(p.parent().unwrap()).unwrap();
+        fs::write(p, text).unwrap();
+        self
+    }
+
+    pub fn cmd(&self) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_punix"));
+        c.env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("HOME", self.path().join("home"))
+            .env("PUNIX_STORE_DIR", self.store())
+            .current_dir(self.path());
+        c
+    }
+
+    pub fn run(&self, args: &[&str]) -> Run {
+        let out = self.cmd().args(args).output().unwrap();
+        Run {
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            out,
+        }
+    }
+
+    /// `punix build --file pkgs ARGS...`
+    pub fn build(&self, args: &[&str]) -> Run {
+        let pkgs = self.pkgs();
+        let mut all = vec!["build", "--file", pkgs.to_str().unwrap()];
+        all.extend_from_slice(args);
+        self.run(&all)
+    }
+
+    /// The store path of one package.
+    pub fn path_of(&self, module: &str) -> PathBuf {
+        let pkgs = self.pkgs();
+        let r = self
+            .run(&["store", "path", "--file", pkgs.to_str().unwrap(), module])
+            .success();
+        PathBuf::from(r.stdout.trim())
+    }
+
+    /// Names of every directory directly in the store (valid or not).
+    pub fn store_dirs(&self) -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(self.store())
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+}
+
+/// The repository's own directory.
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
