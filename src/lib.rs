@@ -16,5 +16,6 @@ pub mod files;
 pub mod platform;
 pub mod recipe;
 pub mod store;
+pub mod transport;
 
 pub use error::Error;

@@ -1,0 +1,1 @@
+//! The local transport (placeholder until the implementation lands).

@@ -1,0 +1,1 @@
+//! The SSH transport (placeholder until the implementation lands).
