@@ -95,17 +95,22 @@ impl Diagnostic {
     }
 }
 
-/// "did you mean `x`?" for the closest of `candidates`, if one is close.
-pub fn did_you_mean<'a>(
-    word: &str,
-    candidates: impl IntoIterator<Item = &'a str>,
-) -> Option<String> {
+/// The closest of `candidates` to `word`, if one is close.
+pub fn closest<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
     candidates
         .into_iter()
         .map(|c| (strsim::damerau_levenshtein(word, c), c))
         .filter(|(d, c)| *d <= 2.max(c.len() / 3) && *d < c.len().max(word.len()))
         .min()
-        .map(|(_, c)| format!("did you mean `{c}`?"))
+        .map(|(_, c)| c)
+}
+
+/// "did you mean `x`?" for the closest of `candidates`, if one is close.
+pub fn did_you_mean<'a>(
+    word: &str,
+    candidates: impl IntoIterator<Item = &'a str>,
+) -> Option<String> {
+    closest(word, candidates).map(|c| format!("did you mean `{c}`?"))
 }
 
 #[cfg(test)]
@@ -120,7 +125,8 @@ mod tests {
         assert_eq!(s.line_col(3), (2, 1));
         // `é` is two bytes but one column.
         assert_eq!(s.line_col(3 + 2 + 2 + 1), (2, 5));
-        assert_eq!(s.line_col(12), (4, 1));
+        assert_eq!(s.line_col(11), (4, 1));
+        assert_eq!(s.line_col(12), (4, 2));
         assert_eq!(s.line_col(999), (4, 2));
     }
 

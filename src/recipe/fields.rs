@@ -7,7 +7,7 @@ use std::ops::Range;
 use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
-use super::diagnostic::{Diagnostic, SourceText, did_you_mean};
+use super::diagnostic::{Diagnostic, SourceText, closest};
 
 /// A string with the span it came from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -25,6 +25,9 @@ pub struct Fields<'a, 'i> {
     /// Where to point when a required key is missing.
     pub header: Range<usize>,
     pub diags: &'a mut Vec<Diagnostic>,
+    /// Allowed keys that an unknown key was taken for ("did you mean
+    /// `version`?"): such a key is not reported again as missing.
+    pub suggested: Vec<String>,
 }
 
 pub fn type_name(v: &DeValue<'_>) -> &'static str {
@@ -45,17 +48,23 @@ impl<'a, 'i> Fields<'a, 'i> {
         for key in self.table.keys() {
             let k: &str = key.get_ref();
             if !allowed.contains(&k) {
-                let hint = did_you_mean(k, allowed.iter().copied()).unwrap_or_else(|| {
-                    format!(
-                        "the keys of {} are: {}",
-                        self.what,
-                        allowed
-                            .iter()
-                            .map(|a| format!("`{a}`"))
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    )
-                });
+                let near = closest(k, allowed.iter().copied());
+                if let Some(near) = near {
+                    self.suggested.push(near.to_string());
+                }
+                let hint = near
+                    .map(|c| format!("did you mean `{c}`?"))
+                    .unwrap_or_else(|| {
+                        format!(
+                            "the keys of {} are: {}",
+                            self.what,
+                            allowed
+                                .iter()
+                                .map(|a| format!("`{a}`"))
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        )
+                    });
                 self.diags.push(
                     self.src
                         .diag(key.span(), format!("unknown key `{k}` in {}", self.what))
@@ -75,7 +84,25 @@ impl<'a, 'i> Fields<'a, 'i> {
         self.table.get_key_value(key)
     }
 
+    /// A number or boolean written where a string belongs, quoted: the
+    /// example to show for it (`"1"` for `version = 1`).
+    fn quoted(&self, v: &Spanned<DeValue<'_>>) -> Option<String> {
+        if !matches!(
+            v.get_ref(),
+            DeValue::Integer(_) | DeValue::Float(_) | DeValue::Boolean(_)
+        ) {
+            return None;
+        }
+        let raw = self.src.text.get(v.span())?;
+        (!raw.is_empty() && raw.len() <= 64 && !raw.contains(['\n', '"', '`']))
+            .then(|| format!("\"{raw}\""))
+    }
+
     fn wrong_type(&mut self, key: &str, v: &Spanned<DeValue<'_>>, expected: &str, example: &str) {
+        let example = match expected {
+            "a string" => self.quoted(v).unwrap_or_else(|| example.to_string()),
+            _ => example.to_string(),
+        };
         self.diags.push(
             self.src
                 .diag(
@@ -90,7 +117,12 @@ impl<'a, 'i> Fields<'a, 'i> {
         );
     }
 
+    /// Report a missing required key, unless an unknown key was already
+    /// reported as a misspelling of it.
     pub fn missing(&mut self, key: &str, example: &str) {
+        if self.suggested.iter().any(|s| s == key) {
+            return;
+        }
         self.diags.push(
             self.src
                 .diag(self.header.clone(), format!("{} has no `{key}`", self.what))
@@ -183,19 +215,25 @@ impl<'a, 'i> Fields<'a, 'i> {
                         ),
                     );
                 }
-                other => self.diags.push(
-                    self.src
-                        .diag(
-                            item.span(),
-                            format!(
-                                "`{key}.{}` in {} must be a string, not {}",
-                                k.get_ref(),
-                                self.what,
-                                type_name(other)
-                            ),
-                        )
-                        .with_hint(format!("write it as `{key} = {example}`")),
-                ),
+                other => {
+                    let hint = match self.quoted(item) {
+                        Some(q) => format!("write it as `{} = {q}`", k.get_ref()),
+                        None => format!("write it as `{key} = {example}`"),
+                    };
+                    self.diags.push(
+                        self.src
+                            .diag(
+                                item.span(),
+                                format!(
+                                    "`{key}.{}` in {} must be a string, not {}",
+                                    k.get_ref(),
+                                    self.what,
+                                    type_name(other)
+                                ),
+                            )
+                            .with_hint(hint),
+                    )
+                }
             }
         }
         out

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use toml::de::{DeTable, DeValue};
 
 use crate::build::builders;
-use crate::platform::System;
+use crate::platform::{System, SystemError};
 pub use diagnostic::{Diagnostic, SourceText};
 use fields::{Fields, Located};
 
@@ -206,11 +206,7 @@ pub fn load_sources(sources: &[SourceText]) -> Result<Recipes, RecipeError> {
             Ok(doc) => doc,
             Err(e) => {
                 let span = e.span().unwrap_or(0..0);
-                let message = e.message().trim_end().replace('\n', "; ");
-                diags.push(
-                    src.diag(span, format!("invalid TOML: {message}"))
-                        .with_hint("fix the syntax; see https://toml.io for the format"),
-                );
+                diags.push(toml_syntax_diag(src, e.message(), span));
                 continue;
             }
         };
@@ -221,6 +217,7 @@ pub fn load_sources(sources: &[SourceText]) -> Result<Recipes, RecipeError> {
             what: "a recipe file".into(),
             header: 0..0,
             diags: &mut diags,
+            suggested: Vec::new(),
         };
         top.deny_unknown(&["package"]);
         let Some((pkg_key, pkg_val)) = doc.get_key_value("package") else {
@@ -228,8 +225,14 @@ pub fn load_sources(sources: &[SourceText]) -> Result<Recipes, RecipeError> {
         };
         let DeValue::Table(pkgs) = pkg_val.get_ref() else {
             diags.push(
-                src.diag(pkg_val.span(), "`package` must be a table of packages")
-                    .with_hint("declare each package as `[package.NAME]`"),
+                src.diag(
+                    pkg_val.span(),
+                    format!(
+                        "`package` must be a table of packages, not {}",
+                        fields::type_name(pkg_val.get_ref())
+                    ),
+                )
+                .with_hint("declare each package as `[package.NAME]`"),
             );
             continue;
         };
@@ -361,9 +364,10 @@ fn check_package(
         what: format!("package `{name}`"),
         header: name_span.clone(),
         diags: &mut *diags,
+        suggested: Vec::new(),
     };
     f.deny_unknown(PACKAGE_KEYS);
-    let pname = f.required_string("pname", "\"api\"");
+    let pname = f.required_string("pname", &format!("\"{}\"", example_pname(name)));
     let version = f.required_string("version", "\"1.0\"");
     let description = f.string("description", "\"what it is\"");
     let builder = f.string("builder", "\"shell\"");
@@ -477,7 +481,7 @@ fn check_package(
     for s in &systems_raw {
         match s.value.parse::<System>() {
             Ok(sys) => systems.push(sys),
-            Err(e) => diags.push(src.diag(s.span.clone(), e.to_string())),
+            Err(e) => diags.push(system_diag(src, s, &e)),
         }
     }
     let mut features = Vec::new();
@@ -485,12 +489,22 @@ fn check_package(
         if is_feature(&feat.value) {
             features.push(feat.value.clone());
         } else {
+            let fixed = feat
+                .value
+                .trim()
+                .to_ascii_lowercase()
+                .replace(['_', ' '], "-");
+            let hint = if is_feature(&fixed) {
+                format!("write it as `{fixed}`: features are lowercase words with digits and `-`")
+            } else {
+                "features are lowercase words with digits and `-`, like `big-parallel`".into()
+            };
             diags.push(
                 src.diag(
                     feat.span.clone(),
                     format!("`{}` is not a valid feature name", feat.value),
                 )
-                .with_hint("features are lowercase words with digits and `-`, like `big-parallel`"),
+                .with_hint(hint),
             );
         }
     }
@@ -519,10 +533,260 @@ fn check_package(
     })
 }
 
+/// The systems suggested for a misspelt one.
+const KNOWN_SYSTEMS: &[&str] = &[
+    "x86_64-linux",
+    "aarch64-linux",
+    "armv7l-linux",
+    "i686-linux",
+    "riscv64-linux",
+    "powerpc64le-linux",
+    "x86_64-darwin",
+    "aarch64-darwin",
+];
+
+/// A bad entry of `systems`, with a suggestion when one is close.
+fn system_diag(src: &SourceText, s: &Located<String>, e: &SystemError) -> Diagnostic {
+    let message = match e {
+        SystemError::Shape(_) => format!("`{}` is not a system", s.value),
+        SystemError::Arch(a) => format!("unknown architecture `{a}` in system `{}`", s.value),
+        SystemError::Os(o) => format!("unknown operating system `{o}` in system `{}`", s.value),
+    };
+    let fallback = match e {
+        SystemError::Shape(_) => {
+            "a system is `<arch>-<os>`, for example `x86_64-linux` or `aarch64-linux`"
+        }
+        SystemError::Arch(_) => {
+            "known architectures: x86_64, aarch64, armv7l, i686, riscv64, powerpc64le, ..."
+        }
+        SystemError::Os(_) => "the operating systems are `linux` and `darwin`",
+    };
+    let hint = diagnostic::did_you_mean(&s.value, KNOWN_SYSTEMS.iter().copied())
+        .unwrap_or_else(|| fallback.to_string());
+    src.diag(s.span.clone(), message).with_hint(hint)
+}
+
+/// A TOML syntax error, with a hint for the common mistakes.
+fn toml_syntax_diag(src: &SourceText, message: &str, span: Range<usize>) -> Diagnostic {
+    let mut message = message.trim_end().replace('\n', "; ");
+    let hint = if message.starts_with("duplicate key") {
+        let key = src
+            .text
+            .get(span.clone())
+            .filter(|k| !k.is_empty() && k.len() <= 64 && !k.contains(['\n', '`']));
+        if let Some(key) = key {
+            message = format!("duplicate key `{key}`");
+        }
+        "a key, and a `[table]` header, can appear only once in a file: merge the two or rename one"
+    } else if message.starts_with("invalid multi-line") {
+        "close the multi-line string with the quotes that open it (`\"\"\"` or `'''`)"
+    } else if message.starts_with("invalid basic string")
+        || message.starts_with("invalid literal string")
+    {
+        "the string is not closed on its line: end it with the quote that opens it, or use `'''...'''` for text over several lines"
+    } else if message.starts_with("string values must be quoted")
+        || message.starts_with("invalid float")
+        || message.starts_with("invalid integer")
+    {
+        // An unquoted value such as `version = 1.0.0`: point at all of it.
+        if let Some(value) = bare_value(&src.text, span.start) {
+            let text = &src.text[value.clone()];
+            return src
+                .diag(
+                    value.clone(),
+                    format!("invalid TOML: `{text}` is not a number, a boolean or a quoted string"),
+                )
+                .with_hint(format!("put text in quotes: `\"{text}\"`"));
+        }
+        "put text in quotes, like `version = \"1.0.0\"`, and separate array items with `,`"
+    } else {
+        "fix the syntax; see https://toml.io for the format"
+    };
+    src.diag(span, format!("invalid TOML: {message}"))
+        .with_hint(hint)
+}
+
+/// The unquoted value around byte `at`, when it is one word: from after
+/// the `=`, `[`, `{`, `,` or blank before it to the delimiter after it.
+fn bare_value(text: &str, at: usize) -> Option<Range<usize>> {
+    let at = at.min(text.len());
+    if !text.is_char_boundary(at) {
+        return None;
+    }
+    let is_delim = |c: char| c.is_whitespace() || "=[]{},#\"'".contains(c);
+    let start = text[..at]
+        .char_indices()
+        .rev()
+        .find(|(_, c)| is_delim(*c))
+        .map_or(0, |(i, c)| i + c.len_utf8());
+    let end = text[at..]
+        .char_indices()
+        .find(|(_, c)| is_delim(*c))
+        .map_or(text.len(), |(i, _)| at + i);
+    let before = text[..start].trim_end_matches([' ', '\t']);
+    let after = text[end..].trim_start_matches([' ', '\t']);
+    let word = &text[start..end];
+    let value_before = before.ends_with(['=', '[', ',']);
+    let value_after = after.is_empty() || after.starts_with(['\n', '\r', '#', ',', ']', '}']);
+    (!word.is_empty() && word.len() <= 64 && !word.contains('`') && value_before && value_after)
+        .then_some(start..end)
+}
+
+/// A likely pname for a package, for the hint when it has none.
+fn example_pname(module: &str) -> String {
+    let guess = module.to_ascii_lowercase().replace('_', "-");
+    if is_name_part(&guess) {
+        guess
+    } else {
+        "api".into()
+    }
+}
+
 fn io_reason(e: &io::Error) -> String {
     match e.kind() {
         io::ErrorKind::NotFound => "no such file or directory".into(),
         io::ErrorKind::PermissionDenied => "permission denied".into(),
         _ => e.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The diagnostics of loading one in-memory file.
+    fn diags(text: &str) -> Vec<Diagnostic> {
+        match load_sources(&[SourceText::new("/nowhere/r.toml", text.to_string())]) {
+            Ok(r) => panic!("expected errors, loaded {:?}", r.packages.keys()),
+            Err(RecipeError::Invalid(d)) => d,
+            Err(e) => panic!("unexpected error: {e}"),
+        }
+    }
+
+    #[test]
+    fn misspelt_required_key_is_reported_once() {
+        let d = diags("[package.Hello]\npname = \"hello\"\nverison = \"1.0\"\nscript = \"x\"\n");
+        assert_eq!(d.len(), 1, "{d:?}");
+        assert_eq!((d[0].line, d[0].col), (3, 1));
+        assert_eq!(d[0].message, "unknown key `verison` in package `Hello`");
+        assert_eq!(d[0].hint.as_deref(), Some("did you mean `version`?"));
+    }
+
+    #[test]
+    fn missing_key_without_a_near_miss_is_still_reported() {
+        let d = diags("[package.Hello]\npname = \"hello\"\nzzz = 1\nscript = \"x\"\n");
+        let messages: Vec<&str> = d.iter().map(|d| d.message.as_str()).collect();
+        assert!(
+            messages.contains(&"package `Hello` has no `version`"),
+            "{messages:?}"
+        );
+    }
+
+    #[test]
+    fn bad_system_has_a_hint_and_a_suggestion() {
+        let d = diags(
+            "[package.A]\npname = \"a\"\nversion = \"1\"\nscript = \"x\"\nsystems = [\"x86-64-linux\", \"z80-linux\", \"x86_64-windows\"]\n",
+        );
+        assert_eq!(d.len(), 3, "{d:?}");
+        assert!(d.iter().all(|d| d.hint.is_some()), "{d:?}");
+        assert_eq!(d[0].col, 12);
+        assert_eq!(d[0].message, "`x86-64-linux` is not a system");
+        assert_eq!(d[0].hint.as_deref(), Some("did you mean `x86_64-linux`?"));
+        assert_eq!(
+            d[1].message,
+            "unknown architecture `z80` in system `z80-linux`"
+        );
+        assert_eq!(
+            d[2].message,
+            "unknown operating system `windows` in system `x86_64-windows`"
+        );
+    }
+
+    #[test]
+    fn unquoted_values_are_found_whole() {
+        let t = "a = [\"x\", 1.2.3]\nb = { c = v1 } # note\nd = 1 2\n";
+        let at = t.find("1.2.3").expect("in text");
+        assert_eq!(bare_value(t, at + 1), Some(at..at + 5));
+        let at = t.find("v1").expect("in text");
+        assert_eq!(bare_value(t, at), Some(at..at + 2));
+        assert_eq!(bare_value(t, t.find("1 2").expect("in text")), None);
+        assert_eq!(bare_value("é", 1), None);
+        assert_eq!(bare_value("", 0), None);
+    }
+
+    #[test]
+    fn numbers_for_strings_are_shown_quoted() {
+        let d = diags(
+            "[package.A]\npname = \"a\"\nversion = 1\nscript = \"x\"\nenv = { JOBS = 4, ON = true, L = [1] }\n",
+        );
+        let hints: Vec<&str> = d.iter().filter_map(|d| d.hint.as_deref()).collect();
+        assert_eq!(
+            hints,
+            [
+                "write it as `version = \"1\"`",
+                "write it as `JOBS = \"4\"`",
+                "write it as `ON = \"true\"`",
+                "write it as `env = { NAME = \"value\" }`",
+            ],
+            "{d:?}"
+        );
+    }
+
+    #[test]
+    fn package_of_wrong_type_names_the_type() {
+        let d = diags("package = 1\n");
+        assert_eq!(
+            d[0].message,
+            "`package` must be a table of packages, not an integer"
+        );
+    }
+
+    #[test]
+    fn missing_pname_hint_uses_the_package_name() {
+        let d = diags("[package.My_Tool]\nversion = \"1\"\nscript = \"x\"\n");
+        assert_eq!(d[0].hint.as_deref(), Some("add `pname = \"my-tool\"`"));
+    }
+
+    #[test]
+    fn bad_feature_suggests_the_fixed_spelling() {
+        let d = diags(
+            "[package.A]\npname = \"a\"\nversion = \"1\"\nscript = \"x\"\nfeatures = [\"Big_Parallel\"]\n",
+        );
+        assert_eq!(
+            d[0].hint.as_deref(),
+            Some("write it as `big-parallel`: features are lowercase words with digits and `-`")
+        );
+    }
+
+    #[test]
+    fn toml_errors_get_specific_hints() {
+        let d = diags("[package.A]\npname = \"a\"\n[package.A]\n");
+        assert_eq!((d[0].line, d[0].col), (3, 10));
+        assert_eq!(d[0].message, "invalid TOML: duplicate key `A`");
+        assert!(
+            d[0].hint
+                .as_deref()
+                .is_some_and(|h| h.contains("only once"))
+        );
+
+        let d = diags("[package.A]\nversion = 1.0.0\n");
+        assert_eq!((d[0].line, d[0].col), (2, 11), "{d:?}");
+        assert_eq!(
+            d[0].message,
+            "invalid TOML: `1.0.0` is not a number, a boolean or a quoted string"
+        );
+        assert!(
+            d[0].hint.as_deref().is_some_and(|h| h.contains("quotes")),
+            "{d:?}"
+        );
+
+        let d = diags("[package.A]\npname = \"a\n");
+        assert_eq!((d[0].line, d[0].col), (2, 11));
+        assert!(
+            d[0].hint
+                .as_deref()
+                .is_some_and(|h| h.contains("not closed")),
+            "{d:?}"
+        );
     }
 }
