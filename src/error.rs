@@ -6,10 +6,12 @@
 
 use crate::build::BuildError;
 use crate::config::ConfigError;
+use crate::deploy::DeployError;
 use crate::files::FileError;
 use crate::platform::SystemError;
 use crate::recipe::RecipeError;
 use crate::store::StoreError;
+use crate::transport::TransportError;
 
 /// Any error punix reports.
 #[derive(Debug, thiserror::Error)]
@@ -25,11 +27,21 @@ pub enum Error {
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error(transparent)]
+    Deploy(Box<DeployError>),
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    #[error(transparent)]
     System(#[from] SystemError),
     #[error("{0}")]
     Usage(String),
     #[error("{count} of {total} store entries failed verification", count = .failed.len())]
     VerifyFailed { failed: Vec<String>, total: usize },
+}
+
+impl From<DeployError> for Error {
+    fn from(e: DeployError) -> Self {
+        Error::Deploy(Box::new(e))
+    }
 }
 
 impl From<BuildError> for Error {
@@ -48,6 +60,8 @@ impl Error {
         match self {
             Error::Usage(_) => EXIT_USAGE,
             Error::Build(b) => build_exit_code(b),
+            Error::Deploy(d) => deploy_exit_code(d),
+            Error::Transport(_) => EXIT_FAILURE,
             Error::Store(StoreError::File(_)) | Error::File(_) => EXIT_FAILURE,
             _ => EXIT_USER,
         }
@@ -67,6 +81,17 @@ fn build_exit_code(e: &BuildError) -> i32 {
             .map(build_exit_code)
             .max()
             .unwrap_or(EXIT_FAILURE),
+        _ => EXIT_USER,
+    }
+}
+
+fn deploy_exit_code(e: &DeployError) -> i32 {
+    match e {
+        DeployError::Build(b) => build_exit_code(b),
+        DeployError::Transport(_)
+        | DeployError::ActivationFailed { .. }
+        | DeployError::Io(_)
+        | DeployError::Store(StoreError::File(_)) => EXIT_FAILURE,
         _ => EXIT_USER,
     }
 }

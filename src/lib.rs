@@ -11,6 +11,7 @@
 
 pub mod build;
 pub mod config;
+pub mod deploy;
 pub mod error;
 pub mod files;
 pub mod platform;

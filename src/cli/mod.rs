@@ -3,6 +3,7 @@
 
 mod build;
 mod progress;
+mod service;
 mod store;
 
 use std::path::{Path, PathBuf};
@@ -36,6 +37,9 @@ pub enum Command {
     /// Inspect and maintain the store.
     #[command(subcommand)]
     Store(store::StoreCommand),
+    /// Deploy stacks of services, roll them back, show their state.
+    #[command(subcommand)]
+    Service(service::ServiceCommand),
 }
 
 pub fn parse() -> Cli {
@@ -60,6 +64,7 @@ pub fn run(cli: Cli) -> Result<(), Error> {
     match cli.command {
         Command::Build(args) => build::run(&cx, args),
         Command::Store(cmd) => store::run(&cx, cmd),
+        Command::Service(cmd) => service::run(&cx, cmd),
     }
 }
 

@@ -71,6 +71,10 @@ pub struct GcArgs {
     pub deployments_root: Option<PathBuf>,
     #[arg(long)]
     pub json: bool,
+    /// Collect garbage on a target instead of here: keep every path that a
+    /// generation of any stack there pins.
+    #[command(flatten)]
+    pub target: super::service::TargetArgs,
 }
 
 #[derive(Debug, Args)]
@@ -185,6 +189,32 @@ pub fn run(cx: &Context, cmd: StoreCommand) -> Result<(), Error> {
                     total: results.len(),
                 })
             }
+        }
+        StoreCommand::Gc(a) if a.target.given() => {
+            let t = a.target.open()?;
+            let report = punix::deploy::gc_target(
+                t.as_ref(),
+                store.root(),
+                a.deployments_root.as_deref(),
+                a.dry_run,
+                std::time::Duration::from_secs(a.target.timeout),
+            )?;
+            if a.json {
+                print_json(&serde_json::to_value(&report).unwrap_or_default());
+                return Ok(());
+            }
+            let verb = if a.dry_run { "would delete" } else { "deleted" };
+            for n in &report.deleted {
+                println!("{verb} {}", store.entry_path(n).display());
+            }
+            eprintln!(
+                "{verb} {} entries on {}, kept {} ({} pinned by generations)",
+                report.deleted.len(),
+                report.target,
+                report.kept,
+                report.pinned
+            );
+            Ok(())
         }
         StoreCommand::Gc(a) => {
             let dep_root = cx.config.deployments_root(a.deployments_root.as_deref())?;

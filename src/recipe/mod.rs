@@ -8,6 +8,7 @@
 pub mod diagnostic;
 mod fields;
 pub mod graph;
+pub mod stack;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -57,6 +58,8 @@ pub enum RecipeError {
     Invalid(Vec<Diagnostic>),
     #[error("no package `{name}` in the recipes{}", .hint.as_ref().map(|h| format!("\n  hint: {h}")).unwrap_or_default())]
     UnknownModule { name: String, hint: Option<String> },
+    #[error("no stack `{name}` in the recipes{}", .hint.as_ref().map(|h| format!("\n  hint: {h}")).unwrap_or_default())]
+    UnknownStack { name: String, hint: Option<String> },
 }
 
 struct DiagList<'a>(&'a [Diagnostic]);
@@ -117,9 +120,30 @@ pub struct Package {
 #[derive(Clone, Debug, Default)]
 pub struct Recipes {
     pub packages: BTreeMap<String, Package>,
+    pub stacks: BTreeMap<String, stack::Stack>,
 }
 
 impl Recipes {
+    /// The stack named `name`, with a suggestion when there is none.
+    pub fn stack(&self, name: &str) -> Result<&stack::Stack, RecipeError> {
+        self.stacks
+            .get(name)
+            .ok_or_else(|| RecipeError::UnknownStack {
+                name: name.to_string(),
+                hint: diagnostic::did_you_mean(name, self.stacks.keys().map(String::as_str))
+                    .or_else(|| {
+                        Some(if self.stacks.is_empty() {
+                            "the recipes declare no `[stack.NAME]`".to_string()
+                        } else {
+                            format!(
+                                "the stacks are: {}",
+                                self.stacks.keys().cloned().collect::<Vec<_>>().join(", ")
+                            )
+                        })
+                    }),
+            })
+    }
+
     /// The package named `name`, with a suggestion when there is none.
     pub fn package(&self, name: &str) -> Result<&Package, RecipeError> {
         self.packages
@@ -200,6 +224,8 @@ pub fn load_sources(sources: &[SourceText]) -> Result<Recipes, RecipeError> {
     // module name -> (where it was defined, the dep entries with spans)
     let mut dep_spans: BTreeMap<String, (usize, Vec<Located<String>>)> = BTreeMap::new();
     let mut first_def: BTreeMap<String, Origin> = BTreeMap::new();
+    let mut stack_refs: BTreeMap<String, stack::StackRefs> = BTreeMap::new();
+    let mut stack_defs: BTreeMap<String, Origin> = BTreeMap::new();
 
     for (file_index, src) in sources.iter().enumerate() {
         let doc = match DeTable::parse(&src.text) {
@@ -219,7 +245,16 @@ pub fn load_sources(sources: &[SourceText]) -> Result<Recipes, RecipeError> {
             diags: &mut diags,
             suggested: Vec::new(),
         };
-        top.deny_unknown(&["package"]);
+        top.deny_unknown(&["package", "stack"]);
+        check_stacks(
+            src,
+            file_index,
+            doc,
+            &mut recipes,
+            &mut stack_refs,
+            &mut stack_defs,
+            &mut diags,
+        );
         let Some((pkg_key, pkg_val)) = doc.get_key_value("package") else {
             continue;
         };
@@ -287,6 +322,8 @@ pub fn load_sources(sources: &[SourceText]) -> Result<Recipes, RecipeError> {
     }
 
     graph::check_deps(sources, &recipes, &dep_spans, &mut diags);
+    let package_names: std::collections::BTreeSet<String> = dep_spans.keys().cloned().collect();
+    stack::check_refs(sources, &package_names, &stack_refs, &mut diags);
 
     if diags.is_empty() {
         Ok(recipes)
@@ -294,6 +331,70 @@ pub fn load_sources(sources: &[SourceText]) -> Result<Recipes, RecipeError> {
         diags.sort();
         diags.dedup();
         Err(RecipeError::Invalid(diags))
+    }
+}
+
+/// Check the `[stack.NAME]` tables of one file.
+fn check_stacks(
+    src: &SourceText,
+    file_index: usize,
+    doc: &DeTable<'_>,
+    recipes: &mut Recipes,
+    refs: &mut BTreeMap<String, stack::StackRefs>,
+    defs: &mut BTreeMap<String, Origin>,
+    diags: &mut Vec<Diagnostic>,
+) {
+    let Some(val) = doc.get("stack") else {
+        return;
+    };
+    let DeValue::Table(stacks) = val.get_ref() else {
+        diags.push(
+            src.diag(
+                val.span(),
+                format!(
+                    "`stack` must be a table of stacks, not {}",
+                    fields::type_name(val.get_ref())
+                ),
+            )
+            .with_hint("declare each stack as `[stack.NAME]`"),
+        );
+        return;
+    };
+    for (name_key, body) in stacks.iter() {
+        let name: &str = name_key.get_ref();
+        let (line, col) = src.line_col(name_key.span().start);
+        let origin = Origin {
+            file: src.path.clone(),
+            line,
+            col,
+        };
+        if let Some(first) = defs.get(name) {
+            diags.push(
+                src.diag(name_key.span(), format!("stack `{name}` is defined twice"))
+                    .with_hint(format!("the first definition is at {first}; rename one")),
+            );
+            continue;
+        }
+        defs.insert(name.to_string(), origin.clone());
+        let DeValue::Table(table) = body.get_ref() else {
+            diags.push(
+                src.diag(
+                    body.span(),
+                    format!(
+                        "stack `{name}` must be a table, not {}",
+                        fields::type_name(body.get_ref())
+                    ),
+                )
+                .with_hint(format!("write it as `[stack.{name}]` followed by its keys")),
+            );
+            continue;
+        };
+        let (checked, r) =
+            stack::check_stack(src, file_index, name, name_key.span(), table, origin, diags);
+        refs.insert(name.to_string(), r);
+        if let Some(st) = checked {
+            recipes.stacks.insert(name.to_string(), st);
+        }
     }
 }
 

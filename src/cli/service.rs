@@ -1,0 +1,343 @@
+//! `punix service deploy|rollback|status`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+
+use super::{Context, print_json, progress::Renderer, recipes_path};
+use punix::Error;
+use punix::build::scheduler::Options;
+use punix::deploy::{self, DeployOptions, DeployReport, RollbackOptions};
+use punix::transport::Transport;
+use punix::transport::local::LocalTransport;
+
+#[derive(Debug, Subcommand)]
+pub enum ServiceCommand {
+    /// Deploy a stack: push its closure, write its files and a new
+    /// generation, flip `current`, optionally activate its units.
+    Deploy(DeployArgs),
+    /// Switch a stack back to an earlier generation.
+    Rollback(RollbackArgs),
+    /// Show a stack's generations and drift on a target.
+    Status(StatusArgs),
+}
+
+/// Where a command acts: a host over SSH, or a local directory.
+#[derive(Debug, Args, Clone)]
+pub struct TargetArgs {
+    /// The target host: `ssh://USER@HOST[:PORT]` (IPv6 in brackets).
+    #[arg(long, value_name = "URL", conflicts_with = "transport_root")]
+    pub target: Option<String>,
+    /// Act on a directory of this machine as if it were the target's `/`
+    /// (no SSH; for demos and tests).
+    #[arg(long, value_name = "DIR")]
+    pub transport_root: Option<PathBuf>,
+    /// The SSH identity to use [default: the agent, then ~/.ssh/id_*].
+    #[arg(long, value_name = "FILE")]
+    pub key: Option<PathBuf>,
+    /// Check host keys against this file only (strict checking always).
+    #[arg(long, value_name = "FILE")]
+    pub known_hosts: Option<PathBuf>,
+    /// Seconds to wait for the SSH connection.
+    #[arg(long, value_name = "SECONDS", default_value_t = 15)]
+    pub connect_timeout: u64,
+    /// Seconds one remote step may take.
+    #[arg(long, value_name = "SECONDS", default_value_t = 300)]
+    pub timeout: u64,
+}
+
+impl TargetArgs {
+    /// Was a target given at all?
+    pub fn given(&self) -> bool {
+        self.target.is_some() || self.transport_root.is_some()
+    }
+
+    pub fn open(&self) -> Result<Box<dyn Transport>, Error> {
+        if let Some(root) = &self.transport_root {
+            let root = punix::config::absolute(root);
+            std::fs::create_dir_all(&root)
+                .map_err(punix::files::ctx("cannot create the transport root", &root))?;
+            return Ok(Box::new(LocalTransport::new(root)));
+        }
+        let Some(url) = self.target.as_deref() else {
+            return Err(Error::Usage(
+                "no target: pass `--target ssh://USER@HOST[:PORT]` or `--transport-root DIR`"
+                    .into(),
+            ));
+        };
+        // SSH-TRANSPORT-PENDING
+        Err(Error::Usage(format!(
+            "`{url}`: the SSH transport is not built yet"
+        )))
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct DeployArgs {
+    /// The stack to deploy.
+    pub stack: String,
+    /// A recipe file or a directory of `*.toml` recipe files.
+    #[arg(long, short = 'f', env = "PUNIX_FILE", value_name = "PATH")]
+    pub file: Option<PathBuf>,
+    #[command(flatten)]
+    pub target: TargetArgs,
+    /// Where generations live on the target [default: ~/.punix/deployments
+    /// of the target user].
+    #[arg(long, value_name = "DIR")]
+    pub deployments_root: Option<PathBuf>,
+    /// Where units are written on the target.
+    #[arg(long, value_name = "DIR", default_value = "/etc/systemd/system")]
+    pub unit_dir: PathBuf,
+    /// Reload systemd and restart what changed; roll back if a unit fails.
+    #[arg(long)]
+    pub activate: bool,
+    /// With `--activate`: keep a failed generation current.
+    #[arg(long, requires = "activate")]
+    pub no_rollback: bool,
+    /// Seconds units get to settle before they are checked.
+    #[arg(long, value_name = "SECONDS", default_value_t = 2)]
+    pub settle: u64,
+    /// Show the plan, change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Seconds to wait for another deploy of this stack to the target.
+    #[arg(long, value_name = "SECONDS", default_value_t = 60)]
+    pub lock_wait: u64,
+    /// Builds at once [default: the number of cores].
+    #[arg(long, short = 'j', value_name = "N")]
+    pub jobs: Option<usize>,
+    /// Print one JSON object with the result on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RollbackArgs {
+    pub stack: String,
+    #[command(flatten)]
+    pub target: TargetArgs,
+    /// The generation to return to [default: the one before the current].
+    #[arg(long, value_name = "N")]
+    pub to: Option<u64>,
+    #[arg(long, value_name = "DIR")]
+    pub deployments_root: Option<PathBuf>,
+    /// Reload systemd and restart what changed.
+    #[arg(long)]
+    pub activate: bool,
+    #[arg(long, value_name = "SECONDS", default_value_t = 2)]
+    pub settle: u64,
+    #[arg(long, value_name = "SECONDS", default_value_t = 60)]
+    pub lock_wait: u64,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    pub stack: String,
+    #[command(flatten)]
+    pub target: TargetArgs,
+    #[arg(long, value_name = "DIR")]
+    pub deployments_root: Option<PathBuf>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(cx: &Context, cmd: ServiceCommand) -> Result<(), Error> {
+    match cmd {
+        ServiceCommand::Deploy(a) => {
+            let path = recipes_path(a.file.as_deref())?;
+            let mut build = Options::default();
+            if let Some(j) = a.jobs {
+                build.jobs = j.max(1);
+            }
+            let opts = DeployOptions {
+                recipes_path: path,
+                stack: a.stack.clone(),
+                store_root: cx.store_root.clone(),
+                deployments_root: a.deployments_root.clone(),
+                unit_dir: a.unit_dir.clone(),
+                activate: a.activate,
+                no_rollback: a.no_rollback,
+                dry_run: a.dry_run,
+                lock_wait: Duration::from_secs(a.lock_wait),
+                timeout: Duration::from_secs(a.target.timeout),
+                settle_secs: a.settle,
+                build,
+                local_features: cx.config.features.clone(),
+            };
+            // Recipes and secrets are checked before any connection.
+            let recipes = punix::recipe::load(&opts.recipes_path)?;
+            let stack = recipes.stack(&opts.stack)?;
+            punix::deploy::secrets::resolve(stack).map_err(|missing| {
+                punix::deploy::DeployError::MissingSecrets {
+                    stack: stack.name.clone(),
+                    missing: missing
+                        .iter()
+                        .map(|m| format!("  - {} ({})", m.reference, m.reason))
+                        .collect(),
+                }
+            })?;
+            let t = a.target.open()?;
+            let renderer = Renderer::new(a.json, cx.verbose);
+            let result = deploy::deploy(t.as_ref(), &opts, &renderer);
+            renderer.finish();
+            let report = result?;
+            print_report(&report, a.json, "deploy");
+            Ok(())
+        }
+        ServiceCommand::Rollback(a) => {
+            let t = a.target.open()?;
+            let opts = RollbackOptions {
+                stack: a.stack.clone(),
+                store_root: cx.store_root.clone(),
+                deployments_root: a.deployments_root.clone(),
+                to: a.to,
+                activate: a.activate,
+                lock_wait: Duration::from_secs(a.lock_wait),
+                timeout: Duration::from_secs(a.target.timeout),
+                settle_secs: a.settle,
+            };
+            let report = deploy::rollback(t.as_ref(), &opts)?;
+            print_report(&report, a.json, "rollback");
+            Ok(())
+        }
+        ServiceCommand::Status(a) => {
+            let t = a.target.open()?;
+            let report = deploy::status(
+                t.as_ref(),
+                &a.stack,
+                &cx.store_root,
+                a.deployments_root.as_deref(),
+                Duration::from_secs(a.target.timeout),
+            )?;
+            if a.json {
+                print_json(&serde_json::to_value(&report).unwrap_or_default());
+                return Ok(());
+            }
+            println!("stack {} on {}", report.stack, report.target);
+            if report.generations.is_empty() {
+                println!("  never deployed");
+            }
+            for g in &report.generations {
+                println!(
+                    "  {} gen-{:03}  {}  {} store path(s)  services: {}",
+                    if g.current { "*" } else { " " },
+                    g.number,
+                    g.created,
+                    g.store_paths.len(),
+                    if g.services.is_empty() {
+                        "-".to_string()
+                    } else {
+                        g.services.join(", ")
+                    }
+                );
+            }
+            for r in &report.rolled_forward {
+                println!("  completed an interrupted commit: {r}");
+            }
+            if report.drifted_files.is_empty() && report.missing_paths.is_empty() {
+                if report.current.is_some() {
+                    println!("  no drift: files and store paths match the current generation");
+                }
+            } else {
+                for f in &report.drifted_files {
+                    println!("  drift: {f} changed on the target");
+                }
+                for p in &report.missing_paths {
+                    println!("  drift: store path {p} is missing on the target");
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+fn human_bytes(n: u64) -> String {
+    if n < 1024 {
+        format!("{n} B")
+    } else if n < 1024 * 1024 {
+        format!("{:.1} KiB", n as f64 / 1024.0)
+    } else {
+        format!("{:.1} MiB", n as f64 / 1024.0 / 1024.0)
+    }
+}
+
+fn print_report(r: &DeployReport, json: bool, verb: &str) {
+    if json {
+        print_json(&serde_json::to_value(r).unwrap_or_default());
+        return;
+    }
+    let gen_name = r
+        .generation
+        .map(|g| format!("gen-{g:03}"))
+        .unwrap_or_else(|| "no generation".into());
+    for rf in &r.rolled_forward {
+        eprintln!("completed an interrupted commit first: {rf}");
+    }
+    if r.dry_run {
+        println!(
+            "plan for {} on {} ({}), nothing done:",
+            r.stack, r.target, r.system
+        );
+        for step in &r.plan {
+            println!("  - {step}");
+        }
+        return;
+    }
+    if verb == "rollback" {
+        println!(
+            "{}: rolled back to {gen_name} on {}; {} file(s) restored, {} removed{}",
+            r.stack,
+            r.target,
+            r.files_written.len(),
+            r.files_removed.len(),
+            if r.activated {
+                format!("; restarted {}", r.units_restarted.join(", "))
+            } else {
+                String::new()
+            }
+        );
+        return;
+    }
+    if r.unchanged {
+        println!(
+            "{}: {gen_name} already current on {} ({}); 0 pushed / {} cached, nothing written ({:.2}s)",
+            r.stack, r.target, r.system, r.cached, r.seconds
+        );
+        return;
+    }
+    if !r.new_generation {
+        println!(
+            "{}: repaired drift on {} ({gen_name} stays current): {}",
+            r.stack,
+            r.target,
+            r.repaired.join(", ")
+        );
+    }
+    println!(
+        "{}: {gen_name} on {} ({}): {} pushed / {} cached ({} sent), {} file(s) written, {} removed{} ({:.2}s)",
+        r.stack,
+        r.target,
+        r.system,
+        r.pushed,
+        r.cached,
+        human_bytes(r.bytes_sent),
+        r.files_written.len(),
+        r.files_removed.len(),
+        if r.activated {
+            format!(
+                "; restarted {}",
+                if r.units_restarted.is_empty() {
+                    "none".to_string()
+                } else {
+                    r.units_restarted.join(", ")
+                }
+            )
+        } else {
+            String::new()
+        },
+        r.seconds
+    );
+}

@@ -1,0 +1,253 @@
+//! Generation files: `<deployments-root>/<stack>/gen-NNN.json`, and the
+//! `current -> gen-NNN.json` symlink that is the only mutable state.
+//!
+//! A generation records what a deploy put on the target: the store paths it
+//! pins (the whole runtime closure), the services with their secret
+//! *references* (never values), and every file it wrote (config files,
+//! units, environment files) with its mode and sha256 and, unless it
+//! carries a secret, its bytes, so a rollback restores it exactly.
+//!
+//! Compatibility: files written by older punix versions must keep parsing;
+//! new fields are added with `#[serde(default)]`, and `tests/fixtures/
+//! generations/` keeps old files as fixtures.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+
+use crate::recipe::stack::{EnvValue, SecretRef};
+
+/// The current format version.
+pub const GENERATION_FORMAT: u32 = 1;
+
+/// How many generations to keep (the live one is never deleted).
+pub const KEEP_GENERATIONS: usize = 10;
+
+/// What a written file is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FileKind {
+    /// A config file declared by the stack.
+    Config,
+    /// A generated systemd unit.
+    Unit,
+    /// A generated environment file with secrets (mode 0600).
+    Env,
+}
+
+/// One file a generation wrote.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GenFile {
+    pub path: PathBuf,
+    pub kind: FileKind,
+    /// Octal mode as a string, e.g. `"0644"`.
+    pub mode: String,
+    /// sha256 of the bytes; `None` for files that carry a secret.
+    #[serde(default)]
+    pub sha256: Option<String>,
+    /// The bytes as UTF-8 text, when they are text and not secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+    /// The bytes in base64, when they are not UTF-8 and not secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_base64: Option<String>,
+    /// The secret this file is rendered from (config files), or `true`
+    /// for env files; such files are re-rendered on rollback.
+    #[serde(default)]
+    pub secret: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_ref: Option<SecretRef>,
+    /// For units and env files: the service they belong to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+}
+
+impl GenFile {
+    pub fn mode_bits(&self) -> u32 {
+        u32::from_str_radix(self.mode.trim_start_matches("0o"), 8).unwrap_or(0o644)
+    }
+
+    /// The recorded bytes, when they were recorded.
+    pub fn bytes(&self) -> Option<Vec<u8>> {
+        if let Some(c) = &self.content {
+            return Some(c.as_bytes().to_vec());
+        }
+        self.content_base64
+            .as_ref()
+            .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
+    }
+
+    /// Record `bytes` (text or base64), unless secret.
+    pub fn set_bytes(&mut self, bytes: &[u8]) {
+        if self.secret {
+            return;
+        }
+        match std::str::from_utf8(bytes) {
+            Ok(s) => self.content = Some(s.to_string()),
+            Err(_) => {
+                self.content_base64 = Some(base64::engine::general_purpose::STANDARD.encode(bytes))
+            }
+        }
+    }
+}
+
+/// A service as a generation records it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GenService {
+    pub name: String,
+    pub package: String,
+    pub store_path: PathBuf,
+    pub binary: String,
+    #[serde(default)]
+    pub args: Vec<String>,
+    #[serde(default)]
+    pub depends_on: Vec<String>,
+    /// Literal values and secret references; never secret values.
+    #[serde(default)]
+    pub environment: BTreeMap<String, EnvValue>,
+    pub unit: String,
+}
+
+/// One generation file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Generation {
+    #[serde(default = "one")]
+    pub format: u32,
+    pub number: u64,
+    pub stack: String,
+    /// UTC, RFC 3339.
+    pub created: String,
+    /// sha256 of the recipe files the stack came from.
+    #[serde(default)]
+    pub source_hash: String,
+    #[serde(default = "systemd")]
+    pub backend: String,
+    #[serde(default)]
+    pub system: String,
+    #[serde(default)]
+    pub store_root: String,
+    /// Absolute store paths, sorted: the whole runtime closure.
+    pub store_paths: Vec<String>,
+    #[serde(default)]
+    pub services: Vec<GenService>,
+    #[serde(default)]
+    pub files: Vec<GenFile>,
+    #[serde(default)]
+    pub unit_dir: String,
+    /// sha256 over everything above except number and time: equal for two
+    /// deploys of the same stack content.
+    #[serde(default)]
+    pub content_id: String,
+}
+
+fn one() -> u32 {
+    1
+}
+
+fn systemd() -> String {
+    "systemd".into()
+}
+
+impl Generation {
+    /// The file name of generation `n`: `gen-001.json`, `gen-1000.json`.
+    pub fn file_name(n: u64) -> String {
+        format!("gen-{n:03}.json")
+    }
+
+    /// Parse a generation number from a file name.
+    pub fn number_of(file_name: &str) -> Option<u64> {
+        file_name
+            .strip_prefix("gen-")?
+            .strip_suffix(".json")?
+            .parse()
+            .ok()
+    }
+
+    /// Compute and set `content_id`.
+    pub fn seal(&mut self) {
+        let mut v = self.clone();
+        v.number = 0;
+        v.created = String::new();
+        v.content_id = String::new();
+        v.source_hash = String::new();
+        let json = serde_json::to_value(&v).unwrap_or_default();
+        let canon = crate::store::derivation::canonical_json(&json);
+        self.content_id = format!(
+            "sha256:{}",
+            crate::store::content_hash::sha256_hex(canon.as_bytes())
+        );
+    }
+
+    pub fn to_json(&self) -> String {
+        let mut s = serde_json::to_string_pretty(self).unwrap_or_default();
+        s.push('\n');
+        s
+    }
+
+    pub fn parse(bytes: &[u8]) -> Result<Generation, serde_json::Error> {
+        serde_json::from_slice(bytes)
+    }
+}
+
+/// The current UTC time in RFC 3339 (`2026-11-26T13:30:00Z`).
+pub fn utc_now() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    rfc3339(secs)
+}
+
+/// Seconds since the epoch as RFC 3339 UTC.
+pub fn rfc3339(secs: u64) -> String {
+    let days = secs / 86_400;
+    let rem = secs % 86_400;
+    let (h, m, s) = (rem / 3600, (rem % 3600) / 60, rem % 60);
+    // Civil from days (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let mo = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = if mo <= 2 { y + 1 } else { y };
+    format!("{y:04}-{mo:02}-{d:02}T{h:02}:{m:02}:{s:02}Z")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_names_are_zero_padded_and_grow() {
+        assert_eq!(Generation::file_name(1), "gen-001.json");
+        assert_eq!(Generation::file_name(999), "gen-999.json");
+        assert_eq!(Generation::file_name(1000), "gen-1000.json");
+        assert_eq!(Generation::number_of("gen-007.json"), Some(7));
+        assert_eq!(Generation::number_of("gen-1000.json"), Some(1000));
+        assert_eq!(Generation::number_of("current"), None);
+    }
+
+    #[test]
+    fn rfc3339_is_right() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339(1_795_699_800), "2026-11-26T13:30:00Z");
+    }
+
+    #[test]
+    fn a_minimal_old_file_parses() {
+        let g = Generation::parse(
+            br#"{"number": 3, "stack": "S", "created": "2026-01-01T00:00:00Z", "store_paths": ["/s/x"]}"#,
+        )
+        .expect("parse");
+        assert_eq!(g.number, 3);
+        assert_eq!(g.backend, "systemd");
+        assert!(g.files.is_empty());
+    }
+}

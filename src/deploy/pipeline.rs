@@ -1,0 +1,1307 @@
+//! The deploy, rollback, status and target-gc pipelines over a transport.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use serde::Serialize;
+
+use super::DeployError;
+use super::generation::{
+    FileKind, GENERATION_FORMAT, GenFile, GenService, Generation, KEEP_GENERATIONS, utc_now,
+};
+use super::remote::{self, Commit, Layout, Probe, State, Watched, Write};
+use super::render::{self, Desired};
+use super::secrets::{self, Secrets};
+use crate::build::plan::plan;
+use crate::build::scheduler::{self, Options};
+use crate::build::{BuildError, Observer};
+use crate::platform::System;
+use crate::recipe::stack::{EnvValue, SecretRef, Stack};
+use crate::recipe::{self, Recipes};
+use crate::store::Store;
+use crate::store::content_hash::sha256_hex;
+use crate::transport::{Counters, Transport};
+
+/// What a deploy is asked to do.
+#[derive(Debug, Clone)]
+pub struct DeployOptions {
+    pub recipes_path: PathBuf,
+    pub stack: String,
+    /// The store root, the same path here and on the target.
+    pub store_root: PathBuf,
+    /// The deployments root on the target; `None` = `~/.punix/deployments`
+    /// of the target user.
+    pub deployments_root: Option<PathBuf>,
+    pub unit_dir: PathBuf,
+    pub activate: bool,
+    pub no_rollback: bool,
+    pub dry_run: bool,
+    pub lock_wait: Duration,
+    pub timeout: Duration,
+    /// Seconds to let units settle before checking they are active.
+    pub settle_secs: u64,
+    pub build: Options,
+    /// Features this machine offers to builds.
+    pub local_features: Vec<String>,
+}
+
+/// What a deploy (or rollback) did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct DeployReport {
+    pub target: String,
+    pub stack: String,
+    pub system: String,
+    /// The generation current on the target afterwards.
+    pub generation: Option<u64>,
+    /// A new generation was written.
+    pub new_generation: bool,
+    /// Nothing had to change.
+    pub unchanged: bool,
+    pub dry_run: bool,
+    pub pushed: usize,
+    pub cached: usize,
+    pub bytes_sent: u64,
+    pub built: usize,
+    pub files_written: Vec<PathBuf>,
+    pub files_removed: Vec<PathBuf>,
+    /// Files or paths repaired on a target that drifted.
+    pub repaired: Vec<String>,
+    pub units_restarted: Vec<String>,
+    pub units_stopped: Vec<String>,
+    pub activated: bool,
+    pub rolled_forward: Vec<String>,
+    pub plan: Vec<String>,
+    pub store_root: PathBuf,
+    pub deployments_root: PathBuf,
+    pub counters: Counters,
+    pub seconds: f64,
+}
+
+/// Test hook: `PUNIX_TEST_PAUSE=<step>` stops a deploy before that step
+/// (`push`, `commit`, `flip`, `activate`) so a test can kill it there.
+fn pause_requested(step: &str) -> bool {
+    std::env::var("PUNIX_TEST_PAUSE").is_ok_and(|v| v == step)
+}
+
+fn pause_if_requested(step: &str) {
+    if pause_requested(step) {
+        eprintln!("punix: paused before {step} (PUNIX_TEST_PAUSE)");
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+fn target_err(t: &dyn Transport, message: impl Into<String>) -> DeployError {
+    DeployError::Target {
+        target: t.name(),
+        message: message.into(),
+    }
+}
+
+/// Probe the target in one round trip.
+fn probe(t: &dyn Transport, timeout: Duration) -> Result<(Probe, System), DeployError> {
+    let out = t.run_checked("probe", &remote::probe(), timeout)?;
+    let p = Probe::parse(&out.stdout);
+    let system = System::from_uname(&p.machine, &p.kernel)
+        .map_err(|e| target_err(t, format!("cannot tell its system from `uname`: {e}")))?;
+    Ok((p, system))
+}
+
+fn deployments_root(opt: Option<&Path>, probe: &Probe) -> PathBuf {
+    match opt {
+        Some(p) => p.to_path_buf(),
+        None => Path::new(&probe.home).join(".punix/deployments"),
+    }
+}
+
+fn layout(t: &dyn Transport, store_root: &Path, dep_root: &Path, stack: &str) -> Layout {
+    Layout {
+        store: t.rebase(store_root),
+        stack_dir: t.rebase(&dep_root.join(stack)),
+        deployments_root: t.rebase(dep_root),
+    }
+}
+
+/// The parents of a target path the transport must check for symlinks:
+/// every ancestor below `/` (or below the local root).
+fn parents_to_check(t: &dyn Transport, path: &Path) -> Vec<PathBuf> {
+    let root = t.rebase(Path::new("/"));
+    let mut out = Vec::new();
+    let mut cur = t.rebase(path);
+    while let Some(parent) = cur.parent() {
+        if parent == root || parent == Path::new("/") || !parent.starts_with(&root) {
+            break;
+        }
+        out.push(parent.to_path_buf());
+        cur = parent.to_path_buf();
+    }
+    out.reverse();
+    out
+}
+
+fn watched(t: &dyn Transport, paths: &[PathBuf]) -> Vec<Watched> {
+    paths
+        .iter()
+        .map(|p| Watched {
+            path: t.rebase(p),
+            parents: parents_to_check(t, p),
+        })
+        .collect()
+}
+
+fn check_state(
+    t: &dyn Transport,
+    st: &State,
+    files: &[PathBuf],
+    store_root: &Path,
+) -> Result<(), DeployError> {
+    if let Some(j) = st.journal_failed.first() {
+        return Err(target_err(
+            t,
+            format!(
+                "an interrupted commit ({j}) could not be completed; see its `.failed` and `.log` files next to it"
+            ),
+        ));
+    }
+    if let Some(p) = st.unwritable.first() {
+        let hint = if Path::new(p) == t.rebase(store_root) {
+            format!(
+                "pass `--store-root` with a directory the target user can write, or create it there: `sudo mkdir -p {p} && sudo chown $USER {p}`"
+            )
+        } else {
+            format!(
+                "make it writable for the target user (`sudo mkdir -p {p} && sudo chown $USER {p}`), or deploy as a user that can write it"
+            )
+        };
+        return Err(DeployError::Unwritable {
+            target: t.name(),
+            path: p.clone(),
+            hint,
+        });
+    }
+    if let Some((i, p)) = st.unsafe_parents.first() {
+        return Err(DeployError::UnsafePath {
+            target: t.name(),
+            path: files
+                .get(*i)
+                .map(|f| f.display().to_string())
+                .unwrap_or_default(),
+            why: format!("its parent `{p}` is a symlink, and punix never writes through symlinks"),
+        });
+    }
+    for (i, (h, _)) in st.files.iter().enumerate() {
+        if h == "symlink" || h == "notfile" {
+            return Err(DeployError::UnsafePath {
+                target: t.name(),
+                path: files
+                    .get(i)
+                    .map(|f| f.display().to_string())
+                    .unwrap_or_default(),
+                why: if h == "symlink" {
+                    "it is a symlink on the target; remove it, punix never writes through symlinks"
+                        .into()
+                } else {
+                    "it exists on the target and is not a regular file".into()
+                },
+            });
+        }
+    }
+    Ok(())
+}
+
+fn parse_current(
+    t: &dyn Transport,
+    st: &State,
+    stack_dir: &Path,
+) -> Result<Option<Generation>, DeployError> {
+    match &st.current_json {
+        None => Ok(None),
+        Some(bytes) => Generation::parse(bytes)
+            .map(Some)
+            .map_err(|e| DeployError::BadGeneration {
+                target: t.name(),
+                path: stack_dir.join(st.current.clone().unwrap_or_default()),
+                message: e.to_string(),
+            }),
+    }
+}
+
+/// Generations to delete after `live` became current: all but the newest
+/// [`KEEP_GENERATIONS`], never the live one.
+fn trim_list(existing: &[u64], live: u64) -> Vec<u64> {
+    let mut all: Vec<u64> = existing.iter().copied().chain([live]).collect();
+    all.sort_unstable();
+    all.dedup();
+    let cut = all.len().saturating_sub(KEEP_GENERATIONS);
+    all[..cut].iter().copied().filter(|n| *n != live).collect()
+}
+
+fn secrets_error(stack: &str, missing: Vec<secrets::Missing>) -> DeployError {
+    DeployError::MissingSecrets {
+        stack: stack.to_string(),
+        missing: missing
+            .iter()
+            .map(|m| format!("  - {} ({})", m.reference, m.reason))
+            .collect(),
+    }
+}
+
+/// The hash of the recipe files a stack came from.
+fn source_hash(path: &Path) -> String {
+    let mut all = Vec::new();
+    if let Ok(files) = recipe::recipe_files(path) {
+        for f in files {
+            all.extend_from_slice(f.to_string_lossy().as_bytes());
+            all.push(0);
+            all.extend_from_slice(&std::fs::read(&f).unwrap_or_default());
+            all.push(0);
+        }
+    }
+    format!("sha256:{}", sha256_hex(&all))
+}
+
+/// A realised closure: sorted entry names, the store path of each module,
+/// and how many entries were built for it.
+struct Closure {
+    names: Vec<String>,
+    by_module: BTreeMap<String, PathBuf>,
+    built: usize,
+}
+
+/// Realise the closure of `stack` for `system` in the local store; the
+/// sorted entry names of its runtime closure and the store path of each
+/// module.
+fn realise_closure(
+    t: &dyn Transport,
+    recipes: &Recipes,
+    stack: &Stack,
+    store: &Store,
+    system: &System,
+    opts: &DeployOptions,
+    observer: &dyn Observer,
+) -> Result<Closure, DeployError> {
+    let plan = plan(recipes, store.root(), system, &stack.modules())?;
+    let need = scheduler::missing(store, &plan);
+    let host = System::host();
+    let mut built = 0;
+    if !need.is_empty() {
+        if *system != host {
+            return Err(DeployError::WrongSystem {
+                target: t.name(),
+                stack: stack.name.clone(),
+                target_system: system.to_string(),
+                host: host.to_string(),
+            });
+        }
+        for name in &need {
+            let node = &plan.nodes[name];
+            let missing: Vec<String> = node
+                .drv
+                .features
+                .iter()
+                .filter(|f| !opts.local_features.contains(f))
+                .cloned()
+                .collect();
+            if !missing.is_empty() {
+                return Err(BuildError::MissingFeatures {
+                    module: node.module.clone(),
+                    missing,
+                }
+                .into());
+            }
+        }
+        if !opts.dry_run {
+            let report = scheduler::realise(store, &plan, &opts.build, observer)?;
+            built = report.built.len();
+        }
+    }
+    let roots: Vec<String> = plan.roots.values().cloned().collect();
+    let closure: Vec<String> = if opts.dry_run && !need.is_empty() {
+        plan.order.clone()
+    } else {
+        store.closure(roots)?.into_iter().collect()
+    };
+    let by_module = plan
+        .roots
+        .iter()
+        .map(|(m, n)| (m.clone(), store.entry_path(n)))
+        .collect();
+    Ok(Closure {
+        names: closure,
+        by_module,
+        built,
+    })
+}
+
+/// Deploy `opts.stack` to the target behind `t`.
+pub fn deploy(
+    t: &dyn Transport,
+    opts: &DeployOptions,
+    observer: &dyn Observer,
+) -> Result<DeployReport, DeployError> {
+    let start = Instant::now();
+    let recipes = recipe::load(&opts.recipes_path)?;
+    let stack = recipes.stack(&opts.stack)?.clone();
+    let secrets = secrets::resolve(&stack).map_err(|m| secrets_error(&stack.name, m))?;
+    let store = Store::new(&opts.store_root)?;
+
+    let (probe, system) = probe(t, opts.timeout)?;
+    if !probe.has("rsync") {
+        return Err(DeployError::NoRsync { target: t.name() });
+    }
+    let Closure {
+        names: closure,
+        by_module,
+        built,
+    } = realise_closure(t, &recipes, &stack, &store, &system, opts, observer)?;
+    let dep_root = deployments_root(opts.deployments_root.as_deref(), &probe);
+    let stack_dir = dep_root.join(&stack.name);
+    let lay = layout(t, &opts.store_root, &dep_root, &stack.name);
+
+    let desired = render::desired_files(&stack, &by_module, &secrets, &opts.unit_dir, &dep_root)
+        .map_err(|message| DeployError::Render {
+            stack: stack.name.clone(),
+            message,
+        })?;
+    check_no_collisions(t, &stack, &desired, &opts.store_root, &dep_root)?;
+
+    let mut report = DeployReport {
+        target: t.name(),
+        stack: stack.name.clone(),
+        system: system.to_string(),
+        built,
+        dry_run: opts.dry_run,
+        store_root: opts.store_root.clone(),
+        deployments_root: dep_root.clone(),
+        ..DeployReport::default()
+    };
+
+    let _lock = if opts.dry_run {
+        None
+    } else {
+        Some(t.lock(&lay.stack_dir.join(".lock"), opts.lock_wait)?)
+    };
+
+    let paths: Vec<PathBuf> = desired.iter().map(|d| d.path.clone()).collect();
+    let mut create = vec![lay.store.clone(), lay.stack_dir.clone()];
+    if !stack.services.is_empty() {
+        create.push(t.rebase(&opts.unit_dir));
+    }
+    if opts.dry_run {
+        create.clear();
+    }
+    let script = remote::state(&lay, &closure, &watched(t, &paths), &create);
+    let out = t.run_checked("state query", &script, opts.timeout)?;
+    let st = State::parse(&out.stdout, paths.len());
+    report.rolled_forward = st.rolled_forward.clone();
+    check_state(t, &st, &paths, &opts.store_root)?;
+    let current = parse_current(t, &st, &stack_dir)?;
+
+    // The generation this deploy describes.
+    let mut generation = Generation {
+        format: GENERATION_FORMAT,
+        number: 0,
+        stack: stack.name.clone(),
+        created: utc_now(),
+        source_hash: source_hash(&opts.recipes_path),
+        backend: stack.backend.clone(),
+        system: system.to_string(),
+        store_root: opts.store_root.to_string_lossy().into_owned(),
+        store_paths: closure
+            .iter()
+            .map(|n| opts.store_root.join(n).to_string_lossy().into_owned())
+            .collect(),
+        services: stack
+            .services
+            .iter()
+            .map(|s| GenService {
+                name: s.name.clone(),
+                package: s.package.clone(),
+                store_path: by_module.get(&s.package).cloned().unwrap_or_default(),
+                binary: s.binary.clone(),
+                args: s.args.clone(),
+                depends_on: s.depends_on.clone(),
+                environment: s.environment.clone(),
+                unit: render::unit_name(&s.name),
+            })
+            .collect(),
+        files: desired.iter().map(Desired::gen_file).collect(),
+        unit_dir: opts.unit_dir.to_string_lossy().into_owned(),
+        content_id: String::new(),
+    };
+    generation.seal();
+    let next = st.generations.iter().max().copied().unwrap_or(0) + 1;
+
+    // What differs on the target.
+    let writes: Vec<usize> = desired
+        .iter()
+        .enumerate()
+        .filter(|(i, d)| {
+            let (h, m) = &st.files[*i];
+            *h != d.sha256() || u32::from_str_radix(m, 8).ok() != Some(d.mode)
+        })
+        .map(|(i, _)| i)
+        .collect();
+    let wanted: BTreeSet<&PathBuf> = paths.iter().collect();
+    let removes: Vec<PathBuf> = current
+        .as_ref()
+        .map(|c| {
+            c.files
+                .iter()
+                .filter(|f| !wanted.contains(&f.path))
+                .map(|f| f.path.clone())
+                .collect()
+        })
+        .unwrap_or_default();
+    let same_content = current
+        .as_ref()
+        .is_some_and(|c| c.content_id == generation.content_id);
+    let cur_number = current.as_ref().map(|c| c.number);
+
+    report.pushed = st.missing.len();
+    report.cached = closure.len() - st.missing.len();
+    report.files_written = writes.iter().map(|i| desired[*i].path.clone()).collect();
+    report.files_removed = removes.clone();
+
+    if same_content && st.missing.is_empty() && writes.is_empty() && removes.is_empty() {
+        report.unchanged = true;
+        report.generation = cur_number;
+        report.plan.push(format!(
+            "nothing to do: {} already current",
+            Generation::file_name(cur_number.unwrap_or(0)).trim_end_matches(".json")
+        ));
+        report.counters = t.counters();
+        report.seconds = start.elapsed().as_secs_f64();
+        return Ok(report);
+    }
+    let number = if same_content {
+        report.repaired = st
+            .missing
+            .iter()
+            .cloned()
+            .chain(report.files_written.iter().map(|p| p.display().to_string()))
+            .collect();
+        cur_number.unwrap_or(next)
+    } else {
+        report.new_generation = true;
+        next
+    };
+    generation.number = number;
+
+    // The plan.
+    if !st.missing.is_empty() {
+        report.plan.push(format!(
+            "push {} store path(s) ({} already on the target)",
+            st.missing.len(),
+            report.cached
+        ));
+    }
+    for i in &writes {
+        let d = &desired[*i];
+        report.plan.push(format!(
+            "write {} ({:04o}{})",
+            d.path.display(),
+            d.mode,
+            if d.secret { ", secret" } else { "" }
+        ));
+    }
+    for r in &removes {
+        report.plan.push(format!("remove {}", r.display()));
+    }
+    if report.new_generation {
+        report.plan.push(format!(
+            "write {} and switch current to it",
+            Generation::file_name(number)
+        ));
+    } else {
+        report.plan.push(format!(
+            "repair drift; {} stays current",
+            Generation::file_name(number)
+        ));
+    }
+    let (stop, restart) = unit_changes(current.as_ref(), &generation, &desired, &writes);
+    if opts.activate {
+        report.plan.push(format!(
+            "activate: daemon-reload; restart {}; stop {}",
+            list_or_none(&restart),
+            list_or_none(&stop)
+        ));
+    }
+    if opts.dry_run {
+        report.generation = cur_number;
+        report.counters = t.counters();
+        report.seconds = start.elapsed().as_secs_f64();
+        return Ok(report);
+    }
+
+    // Push.
+    let pushed = if st.missing.is_empty() {
+        None
+    } else {
+        pause_if_requested("push");
+        let dir = lay
+            .store
+            .join(format!(".tmp-push-{}", crate::files::unique_suffix()));
+        let stats = t.push(store.root(), &st.missing, &dir)?;
+        report.bytes_sent = stats.bytes_sent;
+        Some((dir, st.missing.clone()))
+    };
+
+    // Commit.
+    pause_if_requested("commit");
+    let gen_json = generation.to_json();
+    let trim = if report.new_generation {
+        trim_list(&st.generations, number)
+    } else {
+        Vec::new()
+    };
+    let commit = Commit {
+        layout: &lay,
+        number,
+        generation_json: report.new_generation.then_some(gen_json.as_bytes()),
+        pushed,
+        writes: writes
+            .iter()
+            .map(|i| Write {
+                path: t.rebase(&desired[*i].path),
+                bytes: &desired[*i].bytes,
+                mode: desired[*i].mode,
+            })
+            .collect(),
+        removes: removes.iter().map(|r| t.rebase(r)).collect(),
+        trim,
+        pause_before_flip: pause_requested("flip"),
+        wait_secs: opts.timeout.as_secs().max(1),
+    };
+    t.run_checked("commit", &remote::commit(&commit), opts.timeout)?;
+    report.generation = Some(number);
+
+    // Activate.
+    if opts.activate {
+        pause_if_requested("activate");
+        let units: Vec<String> = generation.services.iter().map(|s| s.unit.clone()).collect();
+        report.units_restarted = restart.clone();
+        report.units_stopped = stop.clone();
+        let failed = activate(t, &stack_dir, number, &stop, &restart, &units, opts)?;
+        report.activated = true;
+        if !failed.is_empty() {
+            let logs = unit_logs(t, &failed, opts.timeout);
+            let rolled_back = match (opts.no_rollback, cur_number) {
+                (false, Some(prev)) if prev != number => {
+                    let ro = RollbackOptions {
+                        stack: stack.name.clone(),
+                        store_root: opts.store_root.clone(),
+                        deployments_root: Some(dep_root.clone()),
+                        to: Some(prev),
+                        activate: true,
+                        lock_wait: opts.lock_wait,
+                        timeout: opts.timeout,
+                        settle_secs: opts.settle_secs,
+                    };
+                    rollback_locked(t, &ro, &probe)?;
+                    Some(
+                        Generation::file_name(prev)
+                            .trim_end_matches(".json")
+                            .to_string(),
+                    )
+                }
+                _ => None,
+            };
+            return Err(DeployError::ActivationFailed {
+                target: t.name(),
+                failed: failed
+                    .iter()
+                    .map(|(u, s)| format!("`{u}` is {s}"))
+                    .collect(),
+                rolled_back,
+                logs,
+            });
+        }
+    }
+    report.counters = t.counters();
+    report.seconds = start.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+fn list_or_none(v: &[String]) -> String {
+    if v.is_empty() {
+        "none".into()
+    } else {
+        v.join(", ")
+    }
+}
+
+/// Units to stop (gone) and to restart (new, or whose unit or env file
+/// changed or was repaired), sorted.
+fn unit_changes(
+    current: Option<&Generation>,
+    next: &Generation,
+    desired: &[Desired],
+    writes: &[usize],
+) -> (Vec<String>, Vec<String>) {
+    let next_units: BTreeSet<String> = next.services.iter().map(|s| s.unit.clone()).collect();
+    let stop: Vec<String> = current
+        .map(|c| {
+            c.services
+                .iter()
+                .map(|s| s.unit.clone())
+                .filter(|u| !next_units.contains(u))
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut restart: BTreeSet<String> = BTreeSet::new();
+    let cur_units: BTreeSet<String> = current
+        .map(|c| c.services.iter().map(|s| s.unit.clone()).collect())
+        .unwrap_or_default();
+    for u in &next_units {
+        if !cur_units.contains(u) {
+            restart.insert(u.clone());
+        }
+    }
+    for i in writes {
+        let d = &desired[*i];
+        if let (Some(svc), FileKind::Unit | FileKind::Env) = (&d.service, d.kind) {
+            restart.insert(render::unit_name(svc));
+        }
+    }
+    // A service whose package changed has a changed unit (ExecStart).
+    if let Some(c) = current {
+        for s in &next.services {
+            if let Some(old) = c.services.iter().find(|o| o.name == s.name)
+                && old.store_path != s.store_path
+            {
+                restart.insert(s.unit.clone());
+            }
+        }
+    }
+    (stop, restart.into_iter().collect())
+}
+
+/// Run the activation; returns the units that are not active.
+fn activate(
+    t: &dyn Transport,
+    stack_dir: &Path,
+    number: u64,
+    stop: &[String],
+    restart: &[String],
+    check: &[String],
+    opts_timeout: &DeployOptions,
+) -> Result<Vec<(String, String)>, DeployError> {
+    activate_with(
+        t,
+        stack_dir,
+        number,
+        stop,
+        restart,
+        check,
+        opts_timeout.settle_secs,
+        opts_timeout.timeout,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn activate_with(
+    t: &dyn Transport,
+    stack_dir: &Path,
+    number: u64,
+    stop: &[String],
+    restart: &[String],
+    check: &[String],
+    settle_secs: u64,
+    timeout: Duration,
+) -> Result<Vec<(String, String)>, DeployError> {
+    let script = remote::activate(
+        &t.rebase(stack_dir),
+        number,
+        stop,
+        restart,
+        check,
+        if restart.is_empty() { 0 } else { settle_secs },
+    );
+    let out = t.run_checked(
+        "activation",
+        &script,
+        timeout + Duration::from_secs(settle_secs),
+    )?;
+    let mut failed = Vec::new();
+    for line in out.stdout.lines() {
+        if let Some(rest) = line.strip_prefix("active ")
+            && let Some((u, state)) = rest.split_once(' ')
+            && state != "active"
+        {
+            failed.push((u.to_string(), state.to_string()));
+        }
+    }
+    Ok(failed)
+}
+
+fn unit_logs(t: &dyn Transport, failed: &[(String, String)], timeout: Duration) -> String {
+    let units: Vec<String> = failed.iter().map(|(u, _)| u.clone()).collect();
+    t.run_script(&remote::unit_logs(&units), timeout)
+        .map(|o| o.stdout.trim_end().to_string())
+        .unwrap_or_default()
+}
+
+/// Config files may not collide with generated files, nor land in the
+/// store or the deployments root.
+fn check_no_collisions(
+    t: &dyn Transport,
+    stack: &Stack,
+    desired: &[Desired],
+    store_root: &Path,
+    dep_root: &Path,
+) -> Result<(), DeployError> {
+    let generated: BTreeSet<&PathBuf> = desired
+        .iter()
+        .filter(|d| d.kind != FileKind::Config)
+        .map(|d| &d.path)
+        .collect();
+    for cf in &stack.config_files {
+        let why = if generated.contains(&cf.path) {
+            Some("it is a file punix generates for a service (a unit or an environment file)")
+        } else if cf.path.starts_with(store_root) {
+            Some("it is inside the store")
+        } else if cf.path.starts_with(dep_root) {
+            Some("it is inside the deployments root")
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            return Err(DeployError::UnsafePath {
+                target: t.name(),
+                path: cf.path.display().to_string(),
+                why: why.into(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// What a rollback is asked to do.
+#[derive(Debug, Clone)]
+pub struct RollbackOptions {
+    pub stack: String,
+    pub store_root: PathBuf,
+    pub deployments_root: Option<PathBuf>,
+    /// The generation to return to; `None` = the one before the current.
+    pub to: Option<u64>,
+    pub activate: bool,
+    pub lock_wait: Duration,
+    pub timeout: Duration,
+    pub settle_secs: u64,
+}
+
+/// Roll a stack back on the target behind `t`.
+pub fn rollback(t: &dyn Transport, opts: &RollbackOptions) -> Result<DeployReport, DeployError> {
+    let (probe, _) = probe(t, opts.timeout)?;
+    let dep_root = deployments_root(opts.deployments_root.as_deref(), &probe);
+    let lay = layout(t, &opts.store_root, &dep_root, &opts.stack);
+    let _lock = t.lock(&lay.stack_dir.join(".lock"), opts.lock_wait)?;
+    rollback_locked(t, opts, &probe)
+}
+
+fn read_generation(
+    t: &dyn Transport,
+    stack_dir: &Path,
+    number: u64,
+    timeout: Duration,
+) -> Result<Generation, DeployError> {
+    let path = stack_dir.join(Generation::file_name(number));
+    let out = t.run_checked(
+        "read generation",
+        &format!(
+            "base64 < {}",
+            crate::transport::script::quote_path(&t.rebase(&path))
+        ),
+        timeout,
+    )?;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(out.stdout.split_whitespace().collect::<String>())
+        .map_err(|e| DeployError::BadGeneration {
+            target: t.name(),
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+    Generation::parse(&bytes).map_err(|e| DeployError::BadGeneration {
+        target: t.name(),
+        path,
+        message: e.to_string(),
+    })
+}
+
+/// The bytes of a generation's file for a restore: the recorded bytes, or,
+/// for files that carry secrets, a new rendering from this environment.
+fn restore_bytes(f: &GenFile, g: &Generation, secrets: &Secrets) -> Option<Vec<u8>> {
+    if !f.secret {
+        return f.bytes();
+    }
+    match f.kind {
+        FileKind::Env => {
+            let svc = g
+                .services
+                .iter()
+                .find(|s| Some(&s.name) == f.service.as_ref())?;
+            let service = crate::recipe::stack::Service {
+                name: svc.name.clone(),
+                description: None,
+                package: svc.package.clone(),
+                binary: svc.binary.clone(),
+                args: svc.args.clone(),
+                depends_on: svc.depends_on.clone(),
+                environment: svc.environment.clone(),
+                service_type: String::new(),
+                restart: String::new(),
+                user: None,
+            };
+            render::env_file(&service, secrets)
+        }
+        _ => f
+            .secret_ref
+            .as_ref()
+            .and_then(|r| secrets.get(r))
+            .map(|s| s.expose().to_vec()),
+    }
+}
+
+fn generation_secret_refs(g: &Generation) -> Vec<SecretRef> {
+    let mut set = BTreeSet::new();
+    for f in &g.files {
+        if f.secret {
+            if let Some(r) = &f.secret_ref {
+                set.insert(r.clone());
+            }
+            if f.kind == FileKind::Env
+                && let Some(svc) = g
+                    .services
+                    .iter()
+                    .find(|s| Some(&s.name) == f.service.as_ref())
+            {
+                for v in svc.environment.values() {
+                    if let EnvValue::Secret(r) = v {
+                        set.insert(r.clone());
+                    }
+                }
+            }
+        }
+    }
+    set.into_iter().collect()
+}
+
+fn rollback_locked(
+    t: &dyn Transport,
+    opts: &RollbackOptions,
+    probe: &Probe,
+) -> Result<DeployReport, DeployError> {
+    let start = Instant::now();
+    let dep_root = deployments_root(opts.deployments_root.as_deref(), probe);
+    let stack_dir = dep_root.join(&opts.stack);
+    let lay = layout(t, &opts.store_root, &dep_root, &opts.stack);
+    let nothing = |reason: String| DeployError::NothingToRollBack {
+        stack: opts.stack.clone(),
+        target: t.name(),
+        reason,
+    };
+
+    let out = t.run_checked(
+        "state query",
+        &remote::state(&lay, &[], &[], &[]),
+        opts.timeout,
+    )?;
+    let st = State::parse(&out.stdout, 0);
+    let current = parse_current(t, &st, &stack_dir)?
+        .ok_or_else(|| nothing("it has never been deployed there".into()))?;
+    let to = match opts.to {
+        Some(n) => {
+            if !st.generations.contains(&n) {
+                return Err(nothing(format!(
+                    "there is no generation {n} (the generations there are: {})",
+                    st.generations
+                        .iter()
+                        .map(u64::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )));
+            }
+            if n == current.number {
+                return Err(nothing(format!("generation {n} is already current")));
+            }
+            n
+        }
+        None => *st
+            .generations
+            .iter()
+            .filter(|n| **n < current.number)
+            .max()
+            .ok_or_else(|| nothing(format!("generation {} is the oldest one", current.number)))?,
+    };
+    let target_gen = read_generation(t, &stack_dir, to, opts.timeout)?;
+
+    // Check the pinned paths ON THE TARGET, and the files as they are.
+    let names: Vec<String> = target_gen
+        .store_paths
+        .iter()
+        .filter_map(|p| {
+            Path::new(p)
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+        })
+        .collect();
+    let paths: Vec<PathBuf> = target_gen.files.iter().map(|f| f.path.clone()).collect();
+    let out = t.run_checked(
+        "state query",
+        &remote::state(&lay, &names, &watched(t, &paths), &[]),
+        opts.timeout,
+    )?;
+    let st2 = State::parse(&out.stdout, paths.len());
+    if !st2.missing.is_empty() {
+        return Err(DeployError::RollbackMissingPaths {
+            stack: opts.stack.clone(),
+            target: t.name(),
+            number: to,
+            missing: st2.missing.clone(),
+        });
+    }
+    check_state(t, &st2, &paths, &opts.store_root)?;
+
+    let secrets = secrets::resolve_refs(&generation_secret_refs(&target_gen))
+        .map_err(|m| secrets_error(&opts.stack, m))?;
+    let mut bytes: Vec<(PathBuf, Vec<u8>, u32)> = Vec::new();
+    let mut cannot = Vec::new();
+    for f in &target_gen.files {
+        match restore_bytes(f, &target_gen, &secrets) {
+            Some(b) => bytes.push((f.path.clone(), b, f.mode_bits())),
+            None => cannot.push(f.path.display().to_string()),
+        }
+    }
+    if !cannot.is_empty() {
+        return Err(nothing(format!(
+            "these files of generation {to} cannot be restored (their bytes were not recorded): {}",
+            cannot.join(", ")
+        )));
+    }
+    let wanted: BTreeSet<&PathBuf> = paths.iter().collect();
+    let removes: Vec<PathBuf> = current
+        .files
+        .iter()
+        .filter(|f| !wanted.contains(&f.path))
+        .map(|f| f.path.clone())
+        .collect();
+    let writes_idx: Vec<usize> = bytes
+        .iter()
+        .enumerate()
+        .filter(|(i, (_, b, m))| {
+            let (h, mode) = &st2.files[*i];
+            *h != sha256_hex(b) || u32::from_str_radix(mode, 8).ok() != Some(*m)
+        })
+        .map(|(i, _)| i)
+        .collect();
+    let commit = Commit {
+        layout: &lay,
+        number: to,
+        generation_json: None,
+        pushed: None,
+        writes: writes_idx
+            .iter()
+            .map(|i| Write {
+                path: t.rebase(&bytes[*i].0),
+                bytes: &bytes[*i].1,
+                mode: bytes[*i].2,
+            })
+            .collect(),
+        removes: removes.iter().map(|r| t.rebase(r)).collect(),
+        trim: Vec::new(),
+        pause_before_flip: false,
+        wait_secs: opts.timeout.as_secs().max(1),
+    };
+    t.run_checked("commit", &remote::commit(&commit), opts.timeout)?;
+
+    let mut report = DeployReport {
+        target: t.name(),
+        stack: opts.stack.clone(),
+        system: target_gen.system.clone(),
+        generation: Some(to),
+        files_written: writes_idx.iter().map(|i| bytes[*i].0.clone()).collect(),
+        files_removed: removes,
+        store_root: opts.store_root.clone(),
+        deployments_root: dep_root.clone(),
+        cached: names.len(),
+        ..DeployReport::default()
+    };
+    report.plan.push(format!(
+        "switch current from {} to {}",
+        Generation::file_name(current.number),
+        Generation::file_name(to)
+    ));
+    if opts.activate {
+        let desired: Vec<Desired> = target_gen
+            .files
+            .iter()
+            .zip(&bytes)
+            .map(|(f, (p, b, m))| Desired {
+                path: p.clone(),
+                kind: f.kind,
+                mode: *m,
+                bytes: b.clone(),
+                secret: f.secret,
+                secret_ref: f.secret_ref.clone(),
+                service: f.service.clone(),
+            })
+            .collect();
+        let (stop, restart) = unit_changes(Some(&current), &target_gen, &desired, &writes_idx);
+        let units: Vec<String> = target_gen.services.iter().map(|s| s.unit.clone()).collect();
+        let failed = activate_with(
+            t,
+            &stack_dir,
+            to,
+            &stop,
+            &restart,
+            &units,
+            opts.settle_secs,
+            opts.timeout,
+        )?;
+        report.activated = true;
+        report.units_restarted = restart;
+        report.units_stopped = stop;
+        if !failed.is_empty() {
+            let logs = unit_logs(t, &failed, opts.timeout);
+            return Err(DeployError::ActivationFailed {
+                target: t.name(),
+                failed: failed
+                    .iter()
+                    .map(|(u, s)| format!("`{u}` is {s}"))
+                    .collect(),
+                rolled_back: None,
+                logs,
+            });
+        }
+    }
+    report.counters = t.counters();
+    report.seconds = start.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+/// One generation as `status` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct GenerationInfo {
+    pub number: u64,
+    pub current: bool,
+    pub created: String,
+    pub store_paths: Vec<String>,
+    pub services: Vec<String>,
+}
+
+/// What `status` found.
+#[derive(Debug, Clone, Serialize)]
+pub struct StatusReport {
+    pub target: String,
+    pub stack: String,
+    pub current: Option<u64>,
+    pub generations: Vec<GenerationInfo>,
+    /// Files of the current generation that changed on the target.
+    pub drifted_files: Vec<String>,
+    /// Store paths of the current generation missing on the target.
+    pub missing_paths: Vec<String>,
+    pub rolled_forward: Vec<String>,
+}
+
+/// Show a stack's generations and drift on the target behind `t`.
+pub fn status(
+    t: &dyn Transport,
+    stack: &str,
+    store_root: &Path,
+    deployments_root: Option<&Path>,
+    timeout: Duration,
+) -> Result<StatusReport, DeployError> {
+    let (probe, _) = probe(t, timeout)?;
+    let dep_root = deployments_root_or(deployments_root, &probe);
+    let stack_dir = dep_root.join(stack);
+    let lay = layout(t, store_root, &dep_root, stack);
+    let out = t.run_checked("state query", &remote::state(&lay, &[], &[], &[]), timeout)?;
+    let st = State::parse(&out.stdout, 0);
+    let current = parse_current(t, &st, &stack_dir)?;
+    let mut report = StatusReport {
+        target: t.name(),
+        stack: stack.to_string(),
+        current: current.as_ref().map(|c| c.number),
+        generations: Vec::new(),
+        drifted_files: Vec::new(),
+        missing_paths: Vec::new(),
+        rolled_forward: st.rolled_forward.clone(),
+    };
+    // All generation files in one round trip.
+    let mut dump = String::new();
+    for n in &st.generations {
+        let p = t.rebase(&stack_dir.join(Generation::file_name(*n)));
+        dump.push_str(&format!(
+            "echo 'gen-begin {n}'; base64 < {}; echo 'gen-end'\n",
+            crate::transport::script::quote_path(&p)
+        ));
+    }
+    if !dump.is_empty() {
+        let out = t.run_checked("read generations", &dump, timeout)?;
+        let mut cur: Option<(u64, String)> = None;
+        for line in out.stdout.lines() {
+            if let Some(n) = line.strip_prefix("gen-begin ") {
+                cur = n.parse().ok().map(|n| (n, String::new()));
+            } else if line == "gen-end" {
+                if let Some((n, b64)) = cur.take()
+                    && let Ok(bytes) = base64::engine::general_purpose::STANDARD.decode(b64)
+                    && let Ok(g) = Generation::parse(&bytes)
+                {
+                    report.generations.push(GenerationInfo {
+                        number: n,
+                        current: Some(n) == report.current,
+                        created: g.created,
+                        store_paths: g.store_paths,
+                        services: g.services.iter().map(|s| s.name.clone()).collect(),
+                    });
+                }
+            } else if let Some((_, b64)) = cur.as_mut() {
+                b64.push_str(line.trim());
+            }
+        }
+    }
+    if let Some(c) = &current {
+        let names: Vec<String> = c
+            .store_paths
+            .iter()
+            .filter_map(|p| {
+                Path::new(p)
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+            })
+            .collect();
+        let paths: Vec<PathBuf> = c.files.iter().map(|f| f.path.clone()).collect();
+        let out = t.run_checked(
+            "state query",
+            &remote::state(&lay, &names, &watched(t, &paths), &[]),
+            timeout,
+        )?;
+        let st2 = State::parse(&out.stdout, paths.len());
+        report.missing_paths = st2.missing;
+        for (f, (h, m)) in c.files.iter().zip(&st2.files) {
+            let mode_ok = u32::from_str_radix(m, 8).ok() == Some(f.mode_bits());
+            let drift = match (&f.sha256, h.as_str()) {
+                (_, "absent" | "symlink" | "notfile") => true,
+                (Some(expected), actual) => expected != actual || !mode_ok,
+                (None, _) => !mode_ok,
+            };
+            if drift {
+                report.drifted_files.push(f.path.display().to_string());
+            }
+        }
+    }
+    Ok(report)
+}
+
+fn deployments_root_or(opt: Option<&Path>, probe: &Probe) -> PathBuf {
+    deployments_root(opt, probe)
+}
+
+/// What gc on a target did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct GcTargetReport {
+    pub target: String,
+    pub pinned: usize,
+    pub deleted: Vec<String>,
+    pub kept: usize,
+    pub dry_run: bool,
+}
+
+/// Delete the store entries on the target that no generation of any stack
+/// pins. Refuses while a deploy is committing there.
+pub fn gc_target(
+    t: &dyn Transport,
+    store_root: &Path,
+    deployments_root: Option<&Path>,
+    dry_run: bool,
+    timeout: Duration,
+) -> Result<GcTargetReport, DeployError> {
+    let (probe, _) = probe(t, timeout)?;
+    let dep_root = deployments_root_or(deployments_root, &probe);
+    let dr = crate::transport::script::quote_path(&t.rebase(&dep_root));
+    let s = crate::transport::script::quote_path(&t.rebase(store_root));
+    let script = format!(
+        "for g in {dr}/*/gen-*.json; do [ -e \"$g\" ] || continue; echo \"gen-begin $g\"; base64 < \"$g\"; echo gen-end; done\n\
+         for j in {dr}/*/.journal-*.sh {s}/.tmp-push-*; do [ -e \"$j\" ] && echo \"busy $j\"; done\n\
+         for e in {s}/*; do [ -e \"$e/built\" ] && echo \"entry ${{e##*/}}\"; done\n"
+    );
+    let out = t.run_checked("gc query", &script, timeout)?;
+    let mut pinned: BTreeSet<String> = BTreeSet::new();
+    let mut entries = Vec::new();
+    let mut busy = Vec::new();
+    let mut cur: Option<String> = None;
+    for line in out.stdout.lines() {
+        if line.starts_with("gen-begin ") {
+            cur = Some(String::new());
+        } else if line == "gen-end" {
+            if let Some(b64) = cur.take() {
+                let g = base64::engine::general_purpose::STANDARD
+                    .decode(b64)
+                    .ok()
+                    .and_then(|b| Generation::parse(&b).ok())
+                    .ok_or_else(|| target_err(t, "a generation file there cannot be read; gc stopped so it deletes nothing pinned"))?;
+                for p in g.store_paths {
+                    if let Some(n) = Path::new(&p).file_name() {
+                        pinned.insert(n.to_string_lossy().into_owned());
+                    }
+                }
+            }
+        } else if let Some(b64) = cur.as_mut() {
+            b64.push_str(line.trim());
+        } else if let Some(e) = line.strip_prefix("entry ") {
+            entries.push(e.to_string());
+        } else if let Some(b) = line.strip_prefix("busy ") {
+            busy.push(b.to_string());
+        }
+    }
+    if !busy.is_empty() {
+        return Err(target_err(
+            t,
+            format!(
+                "a deploy is in progress there ({}); retry gc when it is done",
+                busy.join(", ")
+            ),
+        ));
+    }
+    let deleted: Vec<String> = entries
+        .iter()
+        .filter(|e| !pinned.contains(*e))
+        .cloned()
+        .collect();
+    let report = GcTargetReport {
+        target: t.name(),
+        pinned: pinned.len(),
+        kept: entries.len() - deleted.len(),
+        deleted: deleted.clone(),
+        dry_run,
+    };
+    if dry_run || deleted.is_empty() {
+        return Ok(report);
+    }
+    let mut del = format!("set -e\nS={s}\n");
+    del.push_str("while read -r n; do\n  [ -n \"$n\" ] || continue\n  t=\"$S/.del-$$-$n\"\n  chmod u+w \"$S/$n\" 2>/dev/null || true\n  mv \"$S/$n\" \"$t\"\n  chmod -R u+w \"$t\" 2>/dev/null || true\n  rm -rf \"$t\"\ndone <<'PUNIX_NAMES_EOF'\n");
+    for n in &deleted {
+        del.push_str(n);
+        del.push('\n');
+    }
+    del.push_str("PUNIX_NAMES_EOF\n");
+    t.run_checked("gc", &del, timeout)?;
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trimming_keeps_ten_and_the_live_one() {
+        let existing: Vec<u64> = (1..=12).collect();
+        assert_eq!(trim_list(&existing, 13), vec![1, 2, 3]);
+        assert_eq!(trim_list(&[1, 2, 3], 4), Vec::<u64>::new());
+        // A rollback made 2 live: it is never trimmed.
+        let existing: Vec<u64> = (1..=11).collect();
+        assert_eq!(trim_list(&existing, 2), vec![1]);
+    }
+}

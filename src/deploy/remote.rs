@@ -1,0 +1,414 @@
+//! The scripts a deploy runs on its target, each in one round trip.
+//!
+//! - [`probe`]: system, home, uid, rsync and systemctl presence.
+//! - [`state`]: finish an interrupted commit (roll forward its journal),
+//!   then report generations, the current one, missing store paths, the
+//!   hash and mode of every file the deploy wants, unsafe parent symlinks
+//!   and unwritable roots. Read-only apart from the roll-forward.
+//! - [`commit`]: stage every file (temporary siblings, mode before
+//!   content), write a journal, then run the journal detached from the
+//!   session (`setsid`) and wait for it. The journal renames pushed store
+//!   entries and staged files into place, writes the generation, flips
+//!   `current` with one rename and trims old generations. It is idempotent
+//!   and deletes itself last, so a journal that a crash interrupted is run
+//!   again by the next `state`: the target ends on the old generation (no
+//!   journal yet) or the new one (journal written), never on a mix that
+//!   stays.
+//! - [`activate`]: `systemctl daemon-reload`, stop/restart/start, detached,
+//!   then `systemctl is-active` of every unit after a settle time.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use crate::transport::quote;
+use crate::transport::script::{quote_path, write_staged};
+
+fn q(p: &Path) -> String {
+    quote_path(p)
+}
+
+/// The probe script.
+pub fn probe() -> String {
+    r#"printf 'machine=%s\n' "$(uname -m)"
+printf 'kernel=%s\n' "$(uname -s)"
+printf 'home=%s\n' "$HOME"
+printf 'uid=%s\n' "$(id -u)"
+for t in rsync systemctl setsid base64 sha256sum; do
+  if command -v "$t" >/dev/null 2>&1; then printf 'has=%s\n' "$t"; fi
+done
+"#
+    .to_string()
+}
+
+/// What [`probe`] found.
+#[derive(Debug, Clone, Default)]
+pub struct Probe {
+    pub machine: String,
+    pub kernel: String,
+    pub home: String,
+    pub uid: u32,
+    pub tools: Vec<String>,
+}
+
+impl Probe {
+    pub fn parse(out: &str) -> Probe {
+        let mut p = Probe::default();
+        for line in out.lines() {
+            match line.split_once('=') {
+                Some(("machine", v)) => p.machine = v.to_string(),
+                Some(("kernel", v)) => p.kernel = v.to_string(),
+                Some(("home", v)) => p.home = v.to_string(),
+                Some(("uid", v)) => p.uid = v.trim().parse().unwrap_or(u32::MAX),
+                Some(("has", v)) => p.tools.push(v.to_string()),
+                _ => {}
+            }
+        }
+        p
+    }
+
+    pub fn has(&self, tool: &str) -> bool {
+        self.tools.iter().any(|t| t == tool)
+    }
+}
+
+/// Paths of one stack on the target, already rebased for the transport.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    /// The store root as the transport sees it.
+    pub store: PathBuf,
+    /// `<deployments-root>/<stack>` as the transport sees it.
+    pub stack_dir: PathBuf,
+    /// The deployments root as the transport sees it.
+    pub deployments_root: PathBuf,
+}
+
+/// One file the state query looks at.
+pub struct Watched {
+    /// As the transport sees it.
+    pub path: PathBuf,
+    /// Parent directories to check for symlinks (as the transport sees
+    /// them), outermost first.
+    pub parents: Vec<PathBuf>,
+}
+
+/// The state query.
+pub fn state(
+    layout: &Layout,
+    names: &[String],
+    files: &[Watched],
+    dirs_to_create: &[PathBuf],
+) -> String {
+    let mut s = String::new();
+    let d = q(&layout.stack_dir);
+    let st = q(&layout.store);
+    let _ = writeln!(s, "D={d}\nS={st}");
+    // Roll an interrupted commit forward first.
+    s.push_str(
+        r#"for j in "$D"/.journal-*.sh; do
+  [ -e "$j" ] || continue
+  printf 'rolled-forward %s\n' "${j##*/}"
+  sh "$j" >>"$j.log" 2>&1 || { mv -f "$j" "$j.failed"; printf 'journal-failed %s\n' "${j##*/}"; }
+done
+"#,
+    );
+    for dir in dirs_to_create {
+        let _ = writeln!(
+            s,
+            "mkdir -p {p} 2>/dev/null; if [ -d {p} ] && [ -w {p} ]; then :; else printf 'unwritable %s\\n' {p}; fi",
+            p = q(dir)
+        );
+    }
+    s.push_str(
+        r#"for g in "$D"/gen-*.json; do [ -e "$g" ] && printf 'gen %s\n' "${g##*/}"; done
+if [ -L "$D/current" ]; then
+  printf 'current %s\n' "$(readlink "$D/current")"
+  if [ -f "$D/current" ]; then echo 'current-json-begin'; base64 < "$D/current"; echo 'current-json-end'; fi
+fi
+"#,
+    );
+    // Missing store paths: one line per path, all in this one script.
+    s.push_str("while read -r n; do [ -e \"$S/$n/built\" ] || printf 'missing %s\\n' \"$n\"; done <<'PUNIX_NAMES_EOF'\n");
+    for n in names {
+        s.push_str(n);
+        s.push('\n');
+    }
+    s.push_str("PUNIX_NAMES_EOF\n");
+    for (i, f) in files.iter().enumerate() {
+        for p in &f.parents {
+            let _ = writeln!(s, "[ ! -L {p} ] || printf 'unsafe {i} %s\\n' {p}", p = q(p));
+        }
+        let p = q(&f.path);
+        let _ = writeln!(
+            s,
+            "if [ -L {p} ]; then echo 'file {i} symlink -'; elif [ -f {p} ]; then printf 'file {i} %s %s\\n' \"$(sha256sum < {p} | cut -d' ' -f1)\" \"$(stat -c %a {p})\"; elif [ -e {p} ]; then echo 'file {i} notfile -'; else echo 'file {i} absent -'; fi"
+        );
+    }
+    s
+}
+
+/// What [`state`] found.
+#[derive(Debug, Clone, Default)]
+pub struct State {
+    pub rolled_forward: Vec<String>,
+    pub journal_failed: Vec<String>,
+    pub unwritable: Vec<String>,
+    pub generations: Vec<u64>,
+    pub current: Option<String>,
+    pub current_json: Option<Vec<u8>>,
+    pub missing: Vec<String>,
+    /// Per watched file: (sha256 or state word, mode).
+    pub files: Vec<(String, String)>,
+    /// (file index, symlinked parent)
+    pub unsafe_parents: Vec<(usize, String)>,
+}
+
+impl State {
+    pub fn parse(out: &str, nfiles: usize) -> State {
+        use base64::Engine;
+        let mut st = State {
+            files: vec![("absent".into(), "-".into()); nfiles],
+            ..State::default()
+        };
+        let mut in_json = false;
+        let mut b64 = String::new();
+        for line in out.lines() {
+            if in_json {
+                if line == "current-json-end" {
+                    in_json = false;
+                    st.current_json = base64::engine::general_purpose::STANDARD
+                        .decode(b64.as_bytes())
+                        .ok();
+                } else {
+                    b64.push_str(line.trim());
+                }
+                continue;
+            }
+            let (word, rest) = line.split_once(' ').unwrap_or((line, ""));
+            match word {
+                "rolled-forward" => st.rolled_forward.push(rest.to_string()),
+                "journal-failed" => st.journal_failed.push(rest.to_string()),
+                "unwritable" => st.unwritable.push(rest.to_string()),
+                "gen" => {
+                    if let Some(n) = super::generation::Generation::number_of(rest) {
+                        st.generations.push(n);
+                    }
+                }
+                "current" => st.current = Some(rest.to_string()),
+                "current-json-begin" => in_json = true,
+                "missing" => st.missing.push(rest.to_string()),
+                "file" => {
+                    let mut it = rest.split(' ');
+                    if let (Some(i), Some(h), Some(m)) = (it.next(), it.next(), it.next())
+                        && let Ok(i) = i.parse::<usize>()
+                        && i < nfiles
+                    {
+                        st.files[i] = (h.to_string(), m.to_string());
+                    }
+                }
+                "unsafe" => {
+                    if let Some((i, p)) = rest.split_once(' ')
+                        && let Ok(i) = i.parse()
+                    {
+                        st.unsafe_parents.push((i, p.to_string()));
+                    }
+                }
+                _ => {}
+            }
+        }
+        st.generations.sort_unstable();
+        st.generations.dedup();
+        st
+    }
+}
+
+/// A file for the commit to write: where (as the transport sees it), what,
+/// and with which mode.
+pub struct Write<'a> {
+    pub path: PathBuf,
+    pub bytes: &'a [u8],
+    pub mode: u32,
+}
+
+/// Everything a commit does.
+pub struct Commit<'a> {
+    pub layout: &'a Layout,
+    /// The generation number this commit makes current.
+    pub number: u64,
+    /// The generation file to write (None: flip to an existing one, as a
+    /// rollback does).
+    pub generation_json: Option<&'a [u8]>,
+    /// Directory holding pushed entries, and their names.
+    pub pushed: Option<(PathBuf, Vec<String>)>,
+    pub writes: Vec<Write<'a>>,
+    /// Files to delete (no longer part of the stack).
+    pub removes: Vec<PathBuf>,
+    /// Generation numbers to delete after the flip.
+    pub trim: Vec<u64>,
+    /// Test hook: the journal stops (sleeps) before the flip.
+    pub pause_before_flip: bool,
+    /// How long to wait for the journal.
+    pub wait_secs: u64,
+}
+
+fn staged_name(path: &Path, number: u64) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    path.with_file_name(format!(".{name}.punix-tmp-{number}"))
+}
+
+/// The commit script (see the module doc).
+pub fn commit(c: &Commit<'_>) -> String {
+    let d = &c.layout.stack_dir;
+    let gen_name = super::generation::Generation::file_name(c.number);
+    let journal = d.join(format!(".journal-{:03}.sh", c.number));
+    let mut s = String::new();
+    s.push_str("set -e\n");
+    let _ = writeln!(s, "mkdir -p {}", q(d));
+    // Stage.
+    for w in &c.writes {
+        if let Some(parent) = w.path.parent() {
+            let _ = writeln!(s, "mkdir -p {}", q(parent));
+        }
+        s.push_str(&write_staged(
+            &staged_name(&w.path, c.number),
+            w.bytes,
+            w.mode,
+        ));
+    }
+    let gen_tmp = d.join(format!(".{gen_name}.punix-tmp"));
+    if let Some(json) = c.generation_json {
+        s.push_str(&write_staged(&gen_tmp, json, 0o644));
+    }
+    // The journal: idempotent, deletes itself last.
+    let mut j = String::new();
+    let _ = writeln!(
+        j,
+        "# punix journal: commit generation {} of {}; safe to run again.\nset -e",
+        c.number,
+        d.display()
+    );
+    if let Some((dir, names)) = &c.pushed {
+        let _ = writeln!(j, "S={}\nP={}", q(&c.layout.store), q(dir));
+        j.push_str("while read -r n; do\n  [ -n \"$n\" ] || continue\n  if [ -e \"$S/$n/built\" ]; then continue; fi\n  [ -e \"$P/$n/built\" ] || continue\n  if [ -e \"$S/$n\" ]; then chmod -R u+w \"$S/$n\"; rm -rf \"$S/$n\"; fi\n  chmod u+w \"$P/$n\"\n  mv \"$P/$n\" \"$S/$n\"\n  chmod a-w \"$S/$n\"\ndone <<'PUNIX_NAMES_EOF'\n");
+        for n in names {
+            j.push_str(n);
+            j.push('\n');
+        }
+        j.push_str("PUNIX_NAMES_EOF\n");
+    }
+    for w in &c.writes {
+        let t = q(&staged_name(&w.path, c.number));
+        let _ = writeln!(j, "[ ! -e {t} ] || mv -f {t} {}", q(&w.path));
+    }
+    for r in &c.removes {
+        let _ = writeln!(j, "rm -f {}", q(r));
+    }
+    j.push_str("sync\n");
+    if c.pause_before_flip {
+        j.push_str("echo paused-before-flip > \"$0.paused\"; sleep 3600\n");
+    }
+    if c.generation_json.is_some() {
+        let t = q(&gen_tmp);
+        let _ = writeln!(j, "[ ! -e {t} ] || mv -f {t} {}", q(&d.join(&gen_name)));
+    }
+    let cur_tmp = q(&d.join(".current.punix-tmp"));
+    let _ = writeln!(
+        j,
+        "rm -f {cur_tmp}\nln -s {g} {cur_tmp}\nmv -f {cur_tmp} {cur}\nsync",
+        g = quote(&gen_name),
+        cur = q(&d.join("current"))
+    );
+    for n in &c.trim {
+        let _ = writeln!(
+            j,
+            "rm -f {}",
+            q(&d.join(super::generation::Generation::file_name(*n)))
+        );
+    }
+    if let Some((dir, _)) = &c.pushed {
+        let _ = writeln!(
+            j,
+            "chmod -R u+w {p} 2>/dev/null || true\nrm -rf {p}",
+            p = q(dir)
+        );
+    }
+    j.push_str("rm -f \"$0.paused\" \"$0\"\n");
+
+    s.push_str(&write_staged(&journal, j.as_bytes(), 0o700));
+    s.push_str("sync\n");
+    // Run it detached: a dropped connection or a killed punix cannot stop
+    // it half-way. Then wait for it.
+    let jq = q(&journal);
+    let _ = writeln!(
+        s,
+        "J={jq}\nset +e\nif command -v setsid >/dev/null 2>&1; then\n  setsid sh -c 'sh \"$1\" >\"$1.log\" 2>&1 || mv -f \"$1\" \"$1.failed\"' punix-journal \"$J\" </dev/null >/dev/null 2>&1 &\nelse\n  (trap '' HUP; sh \"$J\" >\"$J.log\" 2>&1 || mv -f \"$J\" \"$J.failed\") </dev/null >/dev/null 2>&1 &\nfi\ni=0\nwhile [ -e \"$J\" ]; do\n  i=$((i+1)); [ \"$i\" -le {} ] || {{ echo 'the commit journal is still running' >&2; exit 75; }}\n  sleep 0.05\ndone\nif [ -e \"$J.failed\" ]; then cat \"$J.log\" >&2; rm -f \"$J.failed\"; exit 1; fi\nrm -f \"$J.log\"\necho committed",
+        c.wait_secs * 20
+    );
+    s
+}
+
+/// The activation script: reload, stop removed units, restart changed and
+/// new ones, detached; then report `is-active` of every unit.
+pub fn activate(
+    stack_dir: &Path,
+    number: u64,
+    stop: &[String],
+    restart: &[String],
+    check: &[String],
+    settle_secs: u64,
+) -> String {
+    let mut s = String::new();
+    let status = stack_dir.join(format!(".activate-{number:03}.status"));
+    let mut inner = String::new();
+    inner.push_str("systemctl daemon-reload\n");
+    for u in stop {
+        let _ = writeln!(
+            inner,
+            "systemctl disable --now {u} 2>/dev/null || systemctl stop {u} 2>/dev/null || true\nrm -f /etc/systemd/system/*.wants/{u}",
+            u = quote(u)
+        );
+    }
+    for u in restart {
+        let _ = writeln!(
+            inner,
+            "systemctl enable {u} >/dev/null 2>&1 || true\nsystemctl restart {u} || echo \"restart-failed {u}\"",
+            u = quote(u)
+        );
+    }
+    let _ = writeln!(s, "ST={}\nrm -f \"$ST\"", q(&status));
+    s.push_str("set +e\n");
+    let _ = writeln!(
+        s,
+        "setsid sh -c {} </dev/null >\"$ST.log\" 2>&1 &",
+        quote(&format!("{inner}echo done > {}\n", q(&status)))
+    );
+    s.push_str("i=0\nwhile [ ! -e \"$ST\" ]; do i=$((i+1)); [ \"$i\" -le 2400 ] || { echo 'activation did not finish' >&2; exit 75; }; sleep 0.05; done\n");
+    s.push_str("cat \"$ST.log\"\nrm -f \"$ST\" \"$ST.log\"\n");
+    if !check.is_empty() {
+        let _ = writeln!(s, "sleep {settle_secs}");
+        for u in check {
+            let _ = writeln!(
+                s,
+                "printf 'active %s %s\\n' {u} \"$(systemctl is-active {u})\"",
+                u = quote(u)
+            );
+        }
+    }
+    s
+}
+
+/// The last journal lines of units that failed, for the error message.
+pub fn unit_logs(units: &[String]) -> String {
+    let mut s = String::new();
+    for u in units {
+        let _ = writeln!(
+            s,
+            "echo \"--- {u}\"; journalctl -u {q} -n 15 --no-pager 2>/dev/null || systemctl status {q} --no-pager 2>/dev/null | tail -n 15",
+            u = u.replace(['"', '$', '`', '\\'], ""),
+            q = quote(u)
+        );
+    }
+    s
+}
