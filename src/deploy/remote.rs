@@ -306,9 +306,9 @@ pub fn commit(c: &Commit<'_>) -> String {
         let _ = writeln!(j, "rm -f {}", q(r));
     }
     j.push_str("sync\n");
-    if c.pause_before_flip {
-        j.push_str("echo paused-before-flip > \"$0.paused\"; sleep 3600\n");
-    }
+    // Test hook: a one-shot pause (the request file is consumed, so a
+    // roll-forward of this journal does not pause again).
+    j.push_str("if [ -e \"$0.pause-request\" ]; then rm -f \"$0.pause-request\"; echo paused > \"$0.paused\"; sleep 3600; fi\n");
     if c.generation_json.is_some() {
         let t = q(&gen_tmp);
         let _ = writeln!(j, "[ ! -e {t} ] || mv -f {t} {}", q(&d.join(&gen_name)));
@@ -337,6 +337,13 @@ pub fn commit(c: &Commit<'_>) -> String {
     j.push_str("rm -f \"$0.paused\" \"$0\"\n");
 
     s.push_str(&write_staged(&journal, j.as_bytes(), 0o700));
+    if c.pause_before_flip {
+        let _ = writeln!(
+            s,
+            "echo > {}",
+            q(&journal.with_extension("sh.pause-request"))
+        );
+    }
     s.push_str("sync\n");
     // Run it detached: a dropped connection or a killed punix cannot stop
     // it half-way. Then wait for it.
