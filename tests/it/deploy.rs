@@ -389,9 +389,7 @@ fn secrets_never_reach_the_store_generations_logs_or_output() {
     assert!(!outputs.contains(SECRET), "the secret leaked into output");
     let env_file = on_target(&t, "/srv/deploy/Web/env/app.env");
     let mut hits = Vec::new();
-    for dir in [t.path().to_path_buf()] {
-        grep(&dir, SECRET.as_bytes(), &mut hits);
-    }
+    grep(t.path(), SECRET.as_bytes(), &mut hits);
     assert_eq!(
         hits,
         vec![env_file],
