@@ -14,8 +14,10 @@
 # Usage: bash ci/bench/hash.sh
 # Environment:
 #   HASH_BENCH_MIB       size of the tree in MiB (default 1024; 64 for a quick run)
-#   HASH_BENCH_ROUNDS    timed rounds (default 7) after one untimed warm-up round
-#   HASH_BENCH_BASELINE  another punix binary to time too (e.g. an older build)
+#   HASH_BENCH_ROUNDS    timed rounds (default 9) after one untimed warm-up round
+#   HASH_BENCH_BASELINE  another punix binary to time too (e.g. an older build),
+#                        labelled HASH_BENCH_BASELINE_LABEL in the table
+#   BENCH_PUNIX          the punix binary to measure (default: build it here)
 #   BENCH_MD             append the Markdown section to this file (else stdout)
 #   BENCH_TMP            where the temp tree goes (default $TMPDIR or /tmp)
 set -euo pipefail
@@ -23,7 +25,7 @@ export LC_ALL=C
 cd "$(dirname "$0")/../.."
 
 MIB=${HASH_BENCH_MIB:-1024}
-ROUNDS=${HASH_BENCH_ROUNDS:-7}
+ROUNDS=${HASH_BENCH_ROUNDS:-9}
 if ! [[ $MIB =~ ^[0-9]+$ ]] || [ "$MIB" -lt 32 ]; then
     echo "hash.sh: HASH_BENCH_MIB must be a whole number >= 32, not \`$MIB\`" >&2
     exit 2
@@ -40,9 +42,13 @@ if [ ! -x /usr/bin/time ]; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq time >/dev/null
 fi
 
-log "cargo build --release"
-cargo build --release --quiet
-PUNIX=$PWD/target/release/punix
+if [ -n "${BENCH_PUNIX:-}" ]; then
+    PUNIX=$BENCH_PUNIX
+else
+    log "cargo build --release"
+    cargo build --release --quiet
+    PUNIX=$PWD/target/release/punix
+fi
 
 # --- the tree --------------------------------------------------------------
 WORK=$(mktemp -d "${BENCH_TMP:-${TMPDIR:-/tmp}}/punix-bench-hash.XXXXXX")
@@ -99,7 +105,7 @@ add() { # key label bytes command-for-the-doc
 add punix "punix" "$BYTES" "punix store hash DIR"
 run_punix() { "$PUNIX" store hash "$TREE" >/dev/null; }
 if [ -n "${HASH_BENCH_BASELINE:-}" ]; then
-    add base "punix, baseline build" "$BYTES" "\$HASH_BENCH_BASELINE store hash DIR"
+    add base "${HASH_BENCH_BASELINE_LABEL:-punix, baseline build}" "$BYTES" "\$HASH_BENCH_BASELINE store hash DIR"
     run_base() { "$HASH_BENCH_BASELINE" store hash "$TREE" >/dev/null; }
 fi
 add sha "sha256sum" "$BYTES" "find DIR -type f -print0 | xargs -0 sha256sum > /dev/null"
@@ -117,13 +123,20 @@ fi
 add sha1 "sha256sum, BIG only" "$BIG_BYTES" "sha256sum BIG > /dev/null"
 run_sha1() { sha256sum "$BIG" >/dev/null; }
 
-# Wall-clock seconds of one call of a function, to the microsecond.
+# "WALL:CPU" of one call of a function: wall-clock seconds (to the
+# microsecond) and the user+sys seconds of every process it ran. Called in
+# a $(...) subshell, whose children's CPU times start from zero; `times`
+# writes to a file, as a pipe would run it in yet another subshell.
 time_one() {
     local t0 t1
     t0=$EPOCHREALTIME
     "$1"
     t1=$EPOCHREALTIME
-    awk -v a="$t0" -v b="$t1" 'BEGIN {printf "%.4f", b - a}'
+    times >"$WORK/times"
+    tail -n1 "$WORK/times" | awk -v a="$t0" -v b="$t1" '{
+        split($1, u, /[ms]/); split($2, s, /[ms]/)
+        printf "%.4f:%.2f", b - a, u[1] * 60 + u[2] + s[1] * 60 + s[2]
+    }'
 }
 median() { tr ' ' '\n' | grep . | sort -g | awk '{v[NR] = $1} END {m = int((NR + 1) / 2); if (NR % 2) print v[m]; else printf "%.4f\n", (v[m] + v[m + 1]) / 2}'; }
 minmax() { tr ' ' '\n' | grep . | sort -g | awk 'NR == 1 {lo = $1} {hi = $1} END {printf "%s–%s", lo, hi}'; }
@@ -131,12 +144,14 @@ minmax() { tr ' ' '\n' | grep . | sort -g | awk 'NR == 1 {lo = $1} {hi = $1} END
 log "warm-up round"
 for n in "${NAMES[@]}"; do "run_$n"; done
 
-declare -A T
-for n in "${NAMES[@]}"; do T[$n]=""; done
+declare -A T C
+for n in "${NAMES[@]}"; do T[$n]="" C[$n]=""; done
 for ((r = 0; r < ROUNDS; r++)); do
     for ((k = 0; k < ${#NAMES[@]}; k++)); do
         n=${NAMES[$(((r + k) % ${#NAMES[@]}))]}
-        T[$n]+=" $(time_one "run_$n")"
+        res=$(time_one "run_$n")
+        T[$n]+=" ${res%%:*}"
+        C[$n]+=" ${res##*:}"
     done
     line=""
     for n in "${NAMES[@]}"; do line+=" $n ${T[$n]##* }"; done
@@ -158,7 +173,7 @@ row() { # key reference-key
     local gbs ratio
     gbs=$(awk -v b="${BYTES_OF[$1]}" -v s="${MED[$1]}" 'BEGIN {printf "%.2f", b / s / 1e9}')
     ratio=$(awk -v s="${MED[$1]}" -v ref="${MED[$2]}" 'BEGIN {printf "%.2f", ref / s}')
-    printf '| %s | %s | %s | %s | %s× |\n' "${LABEL[$1]}" "${MED[$1]}" "$(echo "${T[$1]}" | minmax)" "$gbs" "$ratio"
+    printf '| %s | %s | %s | %s | %s× | %s |\n' "${LABEL[$1]}" "${MED[$1]}" "$(echo "${T[$1]}" | minmax)" "$gbs" "$ratio" "$(echo "${C[$1]}" | median)"
 }
 ratio=$(awk -v s="${MED[punix]}" -v ref="${MED[sha]}" 'BEGIN {printf "%.2f", ref / s}')
 verdict=$(awk -v r="$ratio" 'BEGIN {print (r >= 3 ? "met" : "MISSED")}')
@@ -172,10 +187,12 @@ report() {
     echo "BIG: its largest file ($((BIG_BYTES / 1048576)) MiB). Median wall-clock seconds of $ROUNDS"
     echo "interleaved rounds (one run of each command per round, the order rotating,"
     echo "after one warm-up round), the range, throughput in GB/s (10^9 bytes/s),"
-    echo "and the speed relative to single-process \`sha256sum\` on the same bytes."
+    echo "and the speed relative to single-process \`sha256sum\` on the same bytes;"
+    echo "also the median CPU time of all processes of a command, which other users'"
+    echo "load on the machine changes much less than the wall-clock time."
     echo
-    echo "| tool | median s | range s | GB/s | vs sha256sum |"
-    echo "| --- | ---: | ---: | ---: | ---: |"
+    echo "| tool | median s | range s | GB/s | vs sha256sum | CPU s (user+sys) |"
+    echo "| --- | ---: | ---: | ---: | ---: | ---: |"
     for n in "${NAMES[@]}"; do
         case $n in
         *1) row "$n" sha1 ;;
@@ -188,6 +205,12 @@ report() {
     echo "  of \`/usr/bin/time -f %M\`."
     echo "- DIR's content hash: \`$HASH\` (not comparable with sha256sum's"
     echo "  digests: it covers names, modes and links too)."
+    echo "- The BIG-only rows run one thread each: punix (sha2 0.11, SHA-NI picked at run"
+    echo "  time) is on par with OpenSSL, i.e. it uses the SHA extensions; coreutils'"
+    echo "  sha256sum does not."
+    echo "- \`sha256sum, 2 processes\` gains little: every batch of 16 files is a new"
+    echo "  process, and \`find\` lists the 4 big files (half the bytes) together, so"
+    echo "  one batch holds them all; smaller batches cost more in process starts."
     echo
     echo "The commands, in the table's order:"
     echo

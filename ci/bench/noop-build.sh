@@ -12,6 +12,7 @@
 # Environment:
 #   NOOP_BENCH_PACKAGES  how many packages (default 1000; 100 for a quick run)
 #   NOOP_BENCH_RUNS      timed runs (default 21) after 2 untimed warm-up runs
+#   BENCH_PUNIX          the punix binary to measure (default: build it here)
 #   BENCH_MD             append the Markdown section to this file (else stdout)
 #   BENCH_TMP            where the temp dirs go (default $TMPDIR or /tmp)
 set -euo pipefail
@@ -35,9 +36,13 @@ if [ ! -x /usr/bin/time ]; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq time >/dev/null
 fi
 
-log "cargo build --release"
-cargo build --release --quiet
-PUNIX=$PWD/target/release/punix
+if [ -n "${BENCH_PUNIX:-}" ]; then
+    PUNIX=$BENCH_PUNIX
+else
+    log "cargo build --release"
+    cargo build --release --quiet
+    PUNIX=$PWD/target/release/punix
+fi
 
 WORK=$(mktemp -d "${BENCH_TMP:-${TMPDIR:-/tmp}}/punix-bench-noop.XXXXXX")
 # Store entries are read-only: give write permission back before removing.
@@ -119,6 +124,7 @@ rss_mib=$(awk -v k="$RSS_KB" 'BEGIN {printf "%.1f", k / 1024}')
 t_ok=$(awk -v s="$MED" 'BEGIN {print (s < 0.5 ? "met" : "MISSED")}')
 m_ok=$(awk -v k="$RSS_MAX" 'BEGIN {print (k * 1024 < 50e6 ? "met" : "MISSED")}')
 
+EX=$((N > 7 ? 7 : N - 1))
 report() {
     cat <<EOF
 ## No-op build: \`punix build\` with everything in the store
@@ -131,6 +137,13 @@ entries); then $RUNS timed runs of the no-op (after 2 warm-up runs).
 | command | median s | range s | CPU s (user+sys) | peak RSS | target |
 | --- | ---: | ---: | ---: | ---: | --- |
 | \`$CMD\` | $MED | $(echo "$T" | minmax) | $CPU | $RSS_KB KB ($rss_mib MiB) | < 0.5 s: **$t_ok**; < 50 MB: **$m_ok** (max $RSS_MAX KB) |
+
+One of the packages in RECIPES_DIR:
+
+\`\`\`toml
+$(sed -n "/^\\[package.P$EX\\]/,/^\$/p" "$RECIPES"/*.toml)
+\`\`\`
+
 EOF
 }
 if [ -n "${BENCH_MD:-}" ]; then

@@ -4,7 +4,7 @@
 #
 # Usage: bash ci/bench/run-all.sh
 # Environment: BENCH_DOC (default docs/benchmarks.md), and each script's own
-# (HASH_BENCH_MIB, HASH_BENCH_ROUNDS, HASH_BENCH_BASELINE,
+# (HASH_BENCH_MIB, HASH_BENCH_ROUNDS, HASH_BENCH_BASELINE[_LABEL],
 # NOOP_BENCH_PACKAGES, NOOP_BENCH_RUNS, BENCH_TMP). A quick run:
 #   HASH_BENCH_MIB=64 NOOP_BENCH_PACKAGES=100 BENCH_DOC=/tmp/b.md bash ci/bench/run-all.sh
 set -euo pipefail
@@ -12,11 +12,16 @@ export LC_ALL=C
 cd "$(dirname "$0")/../.."
 
 DOC=${BENCH_DOC:-docs/benchmarks.md}
-PART=$(mktemp "${TMPDIR:-/tmp}/punix-benchmarks.XXXXXX")
-trap 'rm -f "$PART"' EXIT
+TMP=$(mktemp -d "${TMPDIR:-/tmp}/punix-benchmarks.XXXXXX")
+trap 'rm -rf "$TMP"' EXIT
+PART=$TMP/benchmarks.md
 
+# Build once and measure a copy, so both benchmarks time the same binary
+# even if the working tree (and target/) changes meanwhile.
 echo "run-all.sh: cargo build --release" >&2
 cargo build --release --quiet
+cp target/release/punix "$TMP/punix"
+export BENCH_PUNIX=$TMP/punix
 
 cpu=$(grep -m1 '^model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
 shani=$(grep -qw sha_ni /proc/cpuinfo && echo yes || echo no)
@@ -26,7 +31,10 @@ dirty=$(git status --porcelain -- src builders Cargo.toml Cargo.lock 2>/dev/null
 ossl=""
 if command -v openssl >/dev/null; then
     # One core, 16 KiB blocks, in k bytes/s; e.g. "1768573.79k".
-    ossl=$(openssl speed -evp sha256 -bytes 16384 -seconds 1 2>/dev/null | awk '/^sha256/ {sub("k", "", $2); printf "%.2f", $2 * 1000 / 1e9}')
+    ossl_speed() { openssl speed -evp sha256 -bytes 16384 -seconds 1 2>/dev/null | awk '/^sha256/ {sub("k", "", $2); printf "%.2f", $2 * 1000 / 1e9}'; }
+    ossl=$(ossl_speed)
+    # The same with the SHA extensions masked off (bit 29 of CPUID.7:EBX).
+    ossl_soft=$(OPENSSL_ia32cap=":~0x20000000" ossl_speed)
 fi
 load_before=$(cut -d' ' -f1-3 /proc/loadavg)
 started=$(date -u '+%Y-%m-%d %H:%M UTC')
@@ -54,6 +62,7 @@ started=$(date -u '+%Y-%m-%d %H:%M UTC')
     echo "| sha256sum | $(sha256sum --version | head -n1) |"
     if [ -n "$ossl" ]; then
         echo "| \`openssl speed -evp sha256\`, 16 KiB blocks, 1 core | $ossl GB/s ($(openssl version | cut -d' ' -f1-2)) |"
+        echo "| the same without SHA-NI (\`OPENSSL_ia32cap=:~0x20000000\`) | $ossl_soft GB/s |"
     fi
     echo "| load average before / after | $load_before / @LOAD_AFTER@ |"
     echo
