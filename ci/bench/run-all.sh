@@ -37,6 +37,12 @@ if command -v openssl >/dev/null; then
     ossl_soft=$(OPENSSL_ia32cap=":~0x20000000" ossl_speed)
 fi
 load_before=$(cut -d' ' -f1-3 /proc/loadavg)
+# The overrides this run was given, to show how it was invoked.
+overrides=""
+for v in HASH_BENCH_MIB HASH_BENCH_ROUNDS HASH_BENCH_BASELINE HASH_BENCH_BASELINE_LABEL \
+    NOOP_BENCH_PACKAGES NOOP_BENCH_RUNS; do
+    if [ -n "${!v:-}" ]; then overrides+="$v=$(printf '%q' "${!v}") "; fi
+done
 started=$(date -u '+%Y-%m-%d %H:%M UTC')
 
 {
@@ -46,6 +52,8 @@ started=$(date -u '+%Y-%m-%d %H:%M UTC')
     echo "\`ci/bench/noop-build.sh\`); every number below comes from that one run."
     echo "Re-run it to update this file; see the scripts' headers for the size"
     echo "overrides (\`HASH_BENCH_MIB\`, \`NOOP_BENCH_PACKAGES\`, ...)."
+    echo
+    echo "This run: \`${overrides}bash ci/bench/run-all.sh\`"
     echo
     echo "## The machine and the build"
     echo
