@@ -8,10 +8,17 @@
 //! ```
 //!
 //! Command-line flags and their environment variables win over this file.
+//! The roots in it must be absolute or start with `~/`: a relative path
+//! would mean another store in every working directory.
+//!
+//! `HOME` is needed only for what is derived from it: without `HOME`,
+//! `XDG_CONFIG_HOME` and `PUNIX_CONFIG` there is no config file to read,
+//! and a root given on the command line needs no `HOME` at all.
 
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+use toml::Spanned;
 
 use crate::recipe::SourceText;
 
@@ -31,19 +38,39 @@ pub enum ConfigError {
         message: String,
     },
     #[error(
+        "{file}:{line}:{col}: `{key}` must be an absolute path, not `{value}`\n  hint: write an absolute path such as `/var/lib/punix/{leaf}`, or one in your home directory such as `~/.punix/{leaf}`",
+        file = .file.display(),
+        leaf = .key.strip_suffix("-root").unwrap_or("store")
+    )]
+    RelativeRoot {
+        file: PathBuf,
+        line: usize,
+        col: usize,
+        key: &'static str,
+        value: String,
+    },
+    #[error(
         "cannot tell the home directory: `HOME` is not set\n  hint: set `HOME`, or pass `--store-root` and `--deployments-root`"
     )]
     NoHome,
 }
 
 /// Settings from the config file.
-#[derive(Debug, Default, Clone, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+#[derive(Debug, Default, Clone)]
 pub struct Config {
     pub store_root: Option<PathBuf>,
     pub deployments_root: Option<PathBuf>,
-    #[serde(default)]
     pub features: Vec<String>,
+}
+
+/// The file as written, with the places of its values.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawConfig {
+    store_root: Option<Spanned<PathBuf>>,
+    deployments_root: Option<Spanned<PathBuf>>,
+    #[serde(default)]
+    features: Vec<String>,
 }
 
 /// The user's home directory.
@@ -54,22 +81,28 @@ pub fn home() -> Result<PathBuf, ConfigError> {
         .ok_or(ConfigError::NoHome)
 }
 
-/// Where the config file is looked for.
-pub fn config_path() -> Result<PathBuf, ConfigError> {
+/// Where the config file is looked for: `$PUNIX_CONFIG`, else
+/// `$XDG_CONFIG_HOME/punix/config.toml`, else
+/// `~/.config/punix/config.toml`; `None` when none of those variables is
+/// set (then there is no config file).
+pub fn config_path() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("PUNIX_CONFIG") {
-        return Ok(PathBuf::from(p));
+        return Some(PathBuf::from(p));
     }
     if let Some(x) = std::env::var_os("XDG_CONFIG_HOME").filter(|x| !x.is_empty()) {
-        return Ok(PathBuf::from(x).join("punix/config.toml"));
+        return Some(PathBuf::from(x).join("punix/config.toml"));
     }
-    Ok(home()?.join(".config/punix/config.toml"))
+    home().ok().map(|h| h.join(".config/punix/config.toml"))
 }
 
 impl Config {
-    /// Read the config file; a missing file is an empty config.
+    /// Read the config file; a missing file (or no place to look for one)
+    /// is an empty config.
     pub fn load() -> Result<Config, ConfigError> {
-        let path = config_path()?;
-        Self::load_from(&path)
+        match config_path() {
+            Some(path) => Self::load_from(&path),
+            None => Ok(Config::default()),
+        }
     }
 
     pub fn load_from(path: &Path) -> Result<Config, ConfigError> {
@@ -83,8 +116,8 @@ impl Config {
                 });
             }
         };
-        toml::from_str(&text).map_err(|e| {
-            let src = SourceText::new(path, text.clone());
+        let src = SourceText::new(path, text.clone());
+        let raw: RawConfig = toml::from_str(&text).map_err(|e| {
             let (line, col) = src.line_col(e.span().map(|s| s.start).unwrap_or(0));
             ConfigError::Invalid {
                 file: path.to_path_buf(),
@@ -92,6 +125,24 @@ impl Config {
                 col,
                 message: e.message().trim().to_string(),
             }
+        })?;
+        let root = |key: &'static str, v: Option<Spanned<PathBuf>>| match v {
+            Some(v) if !v.get_ref().is_absolute() && !v.get_ref().starts_with("~") => {
+                let (line, col) = src.line_col(v.span().start);
+                Err(ConfigError::RelativeRoot {
+                    file: path.to_path_buf(),
+                    line,
+                    col,
+                    key,
+                    value: v.get_ref().display().to_string(),
+                })
+            }
+            other => Ok(other.map(Spanned::into_inner)),
+        };
+        Ok(Config {
+            store_root: root("store-root", raw.store_root)?,
+            deployments_root: root("deployments-root", raw.deployments_root)?,
+            features: raw.features,
         })
     }
 
@@ -160,5 +211,37 @@ mod tests {
         let msg = e.to_string();
         assert!(msg.contains("config.toml:2:1:"), "{msg}");
         assert!(msg.contains("stor-root"), "{msg}");
+    }
+
+    #[test]
+    fn relative_roots_are_rejected_with_their_place() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let p = t.path().join("config.toml");
+        std::fs::write(
+            &p,
+            "store-root = \"~/s\"\ndeployments-root = \"deploy/here\"\n",
+        )
+        .expect("write");
+        let msg = Config::load_from(&p).expect_err("must fail").to_string();
+        assert!(
+            msg.contains(
+                "config.toml:2:20: `deployments-root` must be an absolute path, not `deploy/here`"
+            ),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("hint:") && msg.contains("`~/.punix/deployments`"),
+            "{msg}"
+        );
+        for ok in ["/abs/store", "~/store", "~"] {
+            std::fs::write(&p, format!("store-root = \"{ok}\"\n")).expect("write");
+            let c = Config::load_from(&p).expect("loads");
+            assert_eq!(c.store_root, Some(PathBuf::from(ok)));
+        }
+        std::fs::write(&p, "store-root = \"~me/store\"\n").expect("write");
+        assert!(
+            Config::load_from(&p).is_err(),
+            "`~me` is not the home directory"
+        );
     }
 }

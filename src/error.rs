@@ -58,7 +58,7 @@ pub const EXIT_FAILURE: i32 = 3;
 impl Error {
     pub fn exit_code(&self) -> i32 {
         match self {
-            Error::Usage(_) => EXIT_USAGE,
+            Error::Usage(_) | Error::System(_) => EXIT_USAGE,
             Error::Build(b) => build_exit_code(b),
             Error::Deploy(d) => deploy_exit_code(d),
             Error::Transport(_) => EXIT_FAILURE,

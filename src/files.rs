@@ -1,15 +1,20 @@
-//! Files on disk: atomic writes, fsync, read-only trees, copying trees.
+//! Files on disk: atomic writes, fsync, read-only trees, copying trees,
+//! same-length byte rewriting of trees.
 //!
 //! Atomic means: a unique temporary name in the same directory, write,
 //! fsync, rename over the final name, fsync the directory. A reader sees the
 //! old content or the new, never a mix, even after a crash.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt, symlink};
+use std::io::{self, Read, Write};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
+
+use memchr::memmem;
+use rayon::prelude::*;
 
 /// An I/O error together with the path it happened on.
 #[derive(Debug, thiserror::Error)]
@@ -178,6 +183,225 @@ pub fn copy_tree(from: &Path, to: &Path) -> Result<(), FileError> {
     Ok(())
 }
 
+/// Replace every occurrence of `from` by `to`, which must be exactly as
+/// long, in the bytes of every regular file and in the target of every
+/// symlink under `root` (itself included). Because the length does not
+/// change, offsets inside binaries stay valid. Files are patched in place
+/// (largest trees in parallel), keeping their mode bits: a file or
+/// directory without the owner's read or write permission gets it for the
+/// moment of the change and loses it again. Other file types are left
+/// alone. A missing `root` is fine. Returns how many files and links were
+/// changed.
+pub fn rewrite_tree(root: &Path, from: &[u8], to: &[u8]) -> Result<usize, FileError> {
+    if from.len() != to.len() {
+        return Err(FileError {
+            action: "cannot rewrite paths in",
+            path: root.to_path_buf(),
+            source: io::Error::other("the replacement is not as long as the text it replaces"),
+        });
+    }
+    if from.is_empty() || from == to {
+        return Ok(0);
+    }
+    let mut files = Vec::new();
+    let mut links = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    match collect_rewritable(root, &mut files, &mut links, &mut seen) {
+        Err(e) if e.source.kind() == io::ErrorKind::NotFound && e.path == root => return Ok(0),
+        other => other?,
+    }
+    let finder = memmem::Finder::new(from);
+    let changed_files = files
+        .par_iter()
+        .with_max_len(1)
+        .map(|(path, mode)| rewrite_file(path, *mode, &finder, to))
+        .collect::<Result<Vec<bool>, FileError>>()?
+        .into_iter()
+        .filter(|c| *c)
+        .count();
+    let mut changed_links = 0;
+    for link in &links {
+        if rewrite_link(link, &finder, to)? {
+            changed_links += 1;
+        }
+    }
+    Ok(changed_files + changed_links)
+}
+
+/// The regular files (with their modes) and symlinks under `path`; a
+/// file with several hard links once (`seen` holds device and inode).
+fn collect_rewritable(
+    path: &Path,
+    files: &mut Vec<(PathBuf, u32)>,
+    links: &mut Vec<PathBuf>,
+    seen: &mut std::collections::HashSet<(u64, u64)>,
+) -> Result<(), FileError> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = fs::symlink_metadata(path).map_err(ctx("cannot stat", path))?;
+    let ft = meta.file_type();
+    if ft.is_symlink() {
+        links.push(path.to_path_buf());
+    } else if ft.is_file() {
+        if meta.nlink() < 2 || seen.insert((meta.dev(), meta.ino())) {
+            files.push((path.to_path_buf(), meta.permissions().mode() & 0o7777));
+        }
+    } else if ft.is_dir() {
+        for entry in fs::read_dir(path).map_err(ctx("cannot list", path))? {
+            let entry = entry.map_err(ctx("cannot list", path))?;
+            collect_rewritable(&entry.path(), files, links, seen)?;
+        }
+    }
+    Ok(())
+}
+
+/// Give `path` the owner permission bits `need` for as long as the guard
+/// lives; the original mode comes back when it is dropped.
+struct ModeGuard<'a> {
+    path: &'a Path,
+    mode: u32,
+    changed: bool,
+}
+
+impl<'a> ModeGuard<'a> {
+    fn grant(path: &'a Path, mode: u32, need: u32) -> Result<ModeGuard<'a>, FileError> {
+        let changed = mode & need != need;
+        if changed {
+            fs::set_permissions(path, fs::Permissions::from_mode(mode | need))
+                .map_err(ctx("cannot make writable", path))?;
+        }
+        Ok(ModeGuard {
+            path,
+            mode,
+            changed,
+        })
+    }
+
+    /// Put the original mode back (writing to a file may also have cleared
+    /// its set-id bits).
+    fn restore(mut self) -> Result<(), FileError> {
+        let needed = self.changed || self.mode & 0o6000 != 0;
+        self.changed = false;
+        if !needed {
+            return Ok(());
+        }
+        fs::set_permissions(self.path, fs::Permissions::from_mode(self.mode))
+            .map_err(ctx("cannot set the mode of", self.path))
+    }
+}
+
+impl Drop for ModeGuard<'_> {
+    fn drop(&mut self) {
+        if self.changed {
+            let _ = fs::set_permissions(self.path, fs::Permissions::from_mode(self.mode));
+        }
+    }
+}
+
+/// Bytes scanned at once when looking for the text to replace.
+const SCAN_CHUNK: usize = 1 << 20;
+
+/// The offsets of every (non-overlapping) match of `finder` in `reader`,
+/// read in chunks that overlap by less than one match.
+fn find_offsets(reader: &mut impl Read, finder: &memmem::Finder<'_>) -> io::Result<Vec<u64>> {
+    let n = finder.needle().len();
+    let mut buf = vec![0u8; SCAN_CHUNK + n];
+    let mut offsets = Vec::new();
+    let mut carried = 0;
+    let mut base: u64 = 0;
+    loop {
+        let mut len = carried;
+        while len < buf.len() {
+            match reader.read(&mut buf[len..]) {
+                Ok(0) => break,
+                Ok(k) => len += k,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let mut last_end = 0;
+        for m in finder.find_iter(&buf[..len]) {
+            offsets.push(base + m as u64);
+            last_end = m + n;
+        }
+        if len < buf.len() {
+            return Ok(offsets);
+        }
+        // Keep the tail that may begin a match cut by the chunk's end.
+        let keep_from = (len - (n - 1)).max(last_end);
+        buf.copy_within(keep_from..len, 0);
+        base += keep_from as u64;
+        carried = len - keep_from;
+    }
+}
+
+fn rewrite_file(
+    path: &Path,
+    mode: u32,
+    finder: &memmem::Finder<'_>,
+    to: &[u8],
+) -> Result<bool, FileError> {
+    let readable = ModeGuard::grant(path, mode, 0o400)?;
+    let offsets = File::open(path)
+        .and_then(|mut f| find_offsets(&mut f, finder))
+        .map_err(ctx("cannot read", path))?;
+    if offsets.is_empty() {
+        readable.restore()?;
+        return Ok(false);
+    }
+    drop(readable);
+    let writable = ModeGuard::grant(path, mode, 0o600)?;
+    let f = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(ctx("cannot open for writing", path))?;
+    for off in offsets {
+        f.write_all_at(to, off)
+            .map_err(ctx("cannot rewrite paths in", path))?;
+    }
+    drop(f);
+    writable.restore()?;
+    Ok(true)
+}
+
+/// Replace the link at `link` by one whose target has `to` for every
+/// match, through a temporary sibling and a rename.
+fn rewrite_link(link: &Path, finder: &memmem::Finder<'_>, to: &[u8]) -> Result<bool, FileError> {
+    let target = fs::read_link(link)
+        .map_err(ctx("cannot read link", link))?
+        .into_os_string()
+        .into_vec();
+    let mut new_target = target.clone();
+    let n = finder.needle().len();
+    let mut changed = false;
+    for m in finder.find_iter(&target) {
+        new_target[m..m + n].copy_from_slice(to);
+        changed = true;
+    }
+    if !changed {
+        return Ok(false);
+    }
+    let dir = link.parent().unwrap_or(Path::new("."));
+    let dir_mode = fs::symlink_metadata(dir)
+        .map_err(ctx("cannot stat", dir))?
+        .permissions()
+        .mode()
+        & 0o7777;
+    let guard = ModeGuard::grant(dir, dir_mode, 0o300)?;
+    let file_name = link.file_name().map(|n| n.as_bytes()).unwrap_or_default();
+    let mut tmp_name = b".".to_vec();
+    tmp_name.extend_from_slice(file_name);
+    tmp_name.extend_from_slice(format!(".tmp-{}", unique_suffix()).as_bytes());
+    let tmp = dir.join(std::ffi::OsStr::from_bytes(&tmp_name));
+    symlink(std::ffi::OsStr::from_bytes(&new_target), &tmp)
+        .map_err(ctx("cannot create link", &tmp))?;
+    if let Err(e) = fs::rename(&tmp, link) {
+        let _ = fs::remove_file(&tmp);
+        return Err(ctx("cannot replace link", link)(e));
+    }
+    guard.restore()?;
+    Ok(true)
+}
+
 /// The last `lines` lines of a text file (lossy), for error reports.
 pub fn tail(path: &Path, lines: usize) -> String {
     let Ok(bytes) = fs::read(path) else {
@@ -206,6 +430,85 @@ mod tests {
             1,
             "no temporaries left"
         );
+    }
+
+    #[test]
+    fn scanning_finds_matches_across_chunk_ends() {
+        let needle = b"/store/.tmpghijklmn-x";
+        let finder = memmem::Finder::new(needle);
+        for at in [
+            0,
+            5,
+            SCAN_CHUNK - 3,
+            SCAN_CHUNK,
+            SCAN_CHUNK + 7,
+            2 * SCAN_CHUNK + 1,
+        ] {
+            let mut data = vec![b'a'; 3 * SCAN_CHUNK];
+            data[at..at + needle.len()].copy_from_slice(needle);
+            let end = data.len() - needle.len();
+            data[end..].copy_from_slice(needle);
+            let found = find_offsets(&mut &data[..], &finder).expect("scan");
+            assert_eq!(found, vec![at as u64, end as u64], "match at {at}");
+        }
+        let twice = [needle.as_slice(), needle.as_slice()].concat();
+        assert_eq!(
+            find_offsets(&mut &twice[..], &finder).expect("scan"),
+            vec![0, needle.len() as u64]
+        );
+    }
+
+    #[test]
+    fn rewrite_keeps_modes_and_patches_files_and_links() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let root = t.path().join("r");
+        let (from, to) = (b"/s/.tmpAAAA-x".as_slice(), b"/s/0123abcd-x".as_slice());
+        fs::create_dir_all(root.join("bin")).expect("mkdir");
+        let bin = root.join("bin/tool");
+        let mut bytes = vec![0u8, 1, 2];
+        bytes.extend_from_slice(from);
+        bytes.extend_from_slice(b"/lib\0");
+        bytes.extend_from_slice(from);
+        fs::write(&bin, &bytes).expect("write");
+        fs::set_permissions(&bin, fs::Permissions::from_mode(0o4555)).expect("chmod");
+        fs::write(root.join("plain"), b"nothing here").expect("write");
+        fs::hard_link(&bin, root.join("hardlink")).expect("ln");
+        symlink("/s/.tmpAAAA-x/bin/tool", root.join("bin/self")).expect("ln");
+        symlink("tool", root.join("bin/rel")).expect("ln");
+        fs::set_permissions(root.join("bin"), fs::Permissions::from_mode(0o555)).expect("chmod");
+
+        // The file (once, though it has two names) and one link.
+        assert_eq!(rewrite_tree(&root, from, to).expect("rewrite"), 2);
+        assert_eq!(
+            fs::read(root.join("hardlink")).expect("read"),
+            fs::read(&bin).expect("read")
+        );
+        let patched = fs::read(&bin).expect("read");
+        assert_eq!(patched.len(), bytes.len());
+        assert!(memmem::find(&patched, from).is_none());
+        assert_eq!(memmem::find_iter(&patched, to).count(), 2);
+        let mode = |p: &Path| fs::symlink_metadata(p).expect("stat").permissions().mode() & 0o7777;
+        assert_eq!(mode(&bin), 0o4555);
+        assert_eq!(mode(&root.join("bin")), 0o555);
+        assert_eq!(
+            fs::read_link(root.join("bin/self")).expect("readlink"),
+            PathBuf::from("/s/0123abcd-x/bin/tool")
+        );
+        assert_eq!(
+            fs::read_link(root.join("bin/rel")).expect("readlink"),
+            PathBuf::from("tool")
+        );
+        assert_eq!(
+            fs::read_dir(root.join("bin")).expect("ls").count(),
+            3,
+            "no temporaries"
+        );
+        assert_eq!(
+            rewrite_tree(&root.join("missing"), from, to).expect("missing"),
+            0
+        );
+        assert!(rewrite_tree(&root, from, b"short").is_err());
+        remove_tree(&root).expect("rm");
     }
 
     #[test]

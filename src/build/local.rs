@@ -3,12 +3,18 @@
 //!
 //! The build runs `sh builder.sh ARGS...` in a fresh build directory (a
 //! copy of the source tree is the working directory), with only these
-//! variables: `out` (the temporary output path), `src`, `system`,
+//! variables: `out` (the temporary output path, as long as the final one),
+//! `src`, `system`,
 //! `PUNIX_BUILD_CORES`, `PUNIX_INPUTS`, `input_<Module>` per input, `PATH`
 //! made of the inputs' `bin/` and `/usr/bin:/bin`, `CPATH`, `LIBRARY_PATH`,
 //! `PKG_CONFIG_PATH` from the inputs, `HOME` and `TMPDIR` inside the build
 //! directory, `SOURCE_DATE_EPOCH`, `LC_ALL=C`, `TZ=UTC`, and the recipe's
 //! `env`. Its output goes to a log file. The builder dies with punix.
+//!
+//! After a successful build, every occurrence of the temporary path in the
+//! output's files and symlink targets is replaced by the final path (same
+//! length), so an output may record `$out`; then it is hashed and
+//! installed.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
@@ -188,6 +194,10 @@ pub fn build_node(store: &Store, node: &Node, cores: usize) -> Result<Outcome, B
     })?;
     if !status.success() {
         let _ = files::remove_tree(&out);
+        let mut tail = files::tail(&log_path, 20);
+        if tail.trim().is_empty() {
+            tail = "(the log is empty)".into();
+        }
         let reason = match (status.code(), status.signal()) {
             (Some(code), _) => format!("the builder exited with status {code}"),
             (None, Some(sig)) => format!("the builder was killed by signal {sig}"),
@@ -197,17 +207,22 @@ pub fn build_node(store: &Store, node: &Node, cores: usize) -> Result<Outcome, B
             module: node.module.clone(),
             name: node.name.clone(),
             reason,
-            tail: files::tail(&log_path, 20),
+            tail,
             log: log_path,
         });
     }
+    let rejected = |e| BuildError::Output {
+        module: node.module.clone(),
+        log: log_path.clone(),
+        source: Box::new(e),
+    };
+    if let Err(e) = store.rewrite_output(&node.name, &out) {
+        let _ = files::remove_tree(&out);
+        return Err(rejected(e));
+    }
     let built = store
         .install(&node.name, &out, &node.drv, None)
-        .map_err(|e| BuildError::Output {
-            module: node.module.clone(),
-            log: log_path.clone(),
-            source: e,
-        })?;
+        .map_err(rejected)?;
     Ok(Outcome::Built(built))
 }
 

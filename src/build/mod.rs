@@ -7,7 +7,7 @@ pub mod plan;
 pub mod scheduler;
 
 use std::io;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::files::FileError;
 use crate::recipe::RecipeError;
@@ -95,11 +95,12 @@ pub enum BuildError {
         log: PathBuf,
         tail: String,
     },
-    #[error("the output of package `{module}` was rejected: {source}\n  hint: the build log is in `{log}`", log = .log.display())]
+    #[error("{}", output_rejected(.module, .source, .log))]
     Output {
         module: String,
         log: PathBuf,
-        source: StoreError,
+        /// Boxed: a store error is large, and this variant is rare.
+        source: Box<StoreError>,
     },
     #[error("{} build(s) failed{}:\n{}", .failures.len(), if *.skipped > 0 { format!(", {} skipped because an input failed", .skipped) } else { String::new() }, .failures.iter().map(|f| f.to_string()).collect::<Vec<_>>().join("\n"))]
     Several {
@@ -108,4 +109,19 @@ pub enum BuildError {
     },
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+/// The message of a rejected output.
+fn output_rejected(module: &str, source: &StoreError, log: &Path) -> String {
+    match source {
+        StoreError::SpecialFile { file, kind, .. } => format!(
+            "`{}` in the output of `{module}` is a {kind}; a store tree may hold only files, directories and symlinks\n  hint: remove it before the script ends (a program can make it when it runs); the build log is in `{}`",
+            file.display(),
+            log.display()
+        ),
+        other => format!(
+            "the output of package `{module}` was rejected: {other}\n  hint: the build log is in `{}`",
+            log.display()
+        ),
+    }
 }

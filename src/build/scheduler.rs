@@ -4,8 +4,12 @@
 //!
 //! Concurrency is bounded in one place: `jobs` worker threads, each running
 //! one builder at a time (default: the number of cores, since a build
-//! usually keeps one core busy). Across processes the per-entry lock keeps
-//! one builder per path, and the shared gc lock keeps gc away.
+//! usually keeps one core busy). The cores are shared among the builds
+//! that can run at once: each is told `PUNIX_BUILD_CORES` =
+//! max(1, cores / workers). Across processes the per-entry lock keeps one
+//! builder per path, and the shared gc lock keeps gc away: it is held from
+//! the moment the missing entries are decided until the gc roots asked for
+//! (`--add-root`) exist, so gc never deletes a path in between.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Condvar, Mutex};
@@ -22,10 +26,13 @@ use crate::store::lock::LockMode;
 pub struct Options {
     /// Builds at once.
     pub jobs: usize,
-    /// Cores each build is told it may use.
+    /// Cores of this machine, shared among the builds that run at once.
     pub cores: usize,
     /// Go on with independent builds after a failure.
     pub keep_going: bool,
+    /// Add a gc root (`.roots/<entry>`) for each requested package, under
+    /// the same gc lock as the builds.
+    pub add_roots: bool,
 }
 
 impl Default for Options {
@@ -37,6 +44,7 @@ impl Default for Options {
             jobs: cores,
             cores,
             keep_going: false,
+            add_roots: false,
         }
     }
 }
@@ -50,7 +58,14 @@ pub struct Report {
     pub present: Vec<String>,
     /// Stale temporaries removed first.
     pub swept: usize,
+    /// The gc root links made (or already there) for the requested packages.
+    pub roots: Vec<std::path::PathBuf>,
     pub seconds: f64,
+}
+
+/// The cores each build is told it may use when `workers` run at once.
+pub fn cores_per_build(cores: usize, workers: usize) -> usize {
+    (cores / workers.max(1)).max(1)
 }
 
 /// The entries of `plan` that are not valid in `store`, in build order.
@@ -80,7 +95,17 @@ pub fn realise(
     observer: &dyn Observer,
 ) -> Result<Report, BuildError> {
     let start = Instant::now();
-    let need = missing(store, plan);
+    let mut need = missing(store, plan);
+    // Hold the gc lock from deciding what is missing until the roots exist:
+    // a gc in between could delete an input, or a path about to be rooted.
+    let _gc = if need.is_empty() && !options.add_roots {
+        None
+    } else {
+        store.ensure_writable()?;
+        let lock = store.lock_gc(LockMode::Shared, true)?;
+        need = missing(store, plan);
+        lock
+    };
     let present: Vec<String> = plan
         .order
         .iter()
@@ -92,14 +117,14 @@ pub fn realise(
         present: present.len(),
     });
     if need.is_empty() {
+        let roots = add_roots(store, plan, options)?;
         return Ok(Report {
             present,
+            roots,
             seconds: start.elapsed().as_secs_f64(),
             ..Report::default()
         });
     }
-    store.ensure_writable()?;
-    let _gc = store.lock_gc(LockMode::Shared, true)?;
     let swept = store.sweep()?;
 
     let need_set: BTreeSet<&String> = need.iter().collect();
@@ -137,6 +162,7 @@ pub fn realise(
     });
     let wake = Condvar::new();
     let workers = options.jobs.max(1).min(need.len());
+    let cores = cores_per_build(options.cores, workers);
 
     std::thread::scope(|scope| {
         for _ in 0..workers {
@@ -167,7 +193,7 @@ pub fn realise(
                         name: &name,
                     });
                     let t0 = Instant::now();
-                    let result = local::build_node(store, node, options.cores);
+                    let result = local::build_node(store, node, cores);
                     let Ok(mut st) = state.lock() else { return };
                     st.running -= 1;
                     match result {
@@ -230,6 +256,37 @@ pub fn realise(
         });
     }
     let mut report = st.report;
+    report.roots = add_roots(store, plan, options)?;
     report.seconds = start.elapsed().as_secs_f64();
     Ok(report)
+}
+
+/// The gc roots asked for, made while the caller holds the gc lock.
+fn add_roots(
+    store: &Store,
+    plan: &Plan,
+    options: &Options,
+) -> Result<Vec<std::path::PathBuf>, BuildError> {
+    if !options.add_roots {
+        return Ok(Vec::new());
+    }
+    let mut links = Vec::new();
+    for name in plan.roots.values() {
+        links.push(store.add_root(name)?);
+    }
+    Ok(links)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cores_are_shared_among_concurrent_builds() {
+        assert_eq!(cores_per_build(8, 1), 8);
+        assert_eq!(cores_per_build(8, 3), 2);
+        assert_eq!(cores_per_build(8, 8), 1);
+        assert_eq!(cores_per_build(2, 16), 1);
+        assert_eq!(cores_per_build(4, 0), 4);
+    }
 }

@@ -64,6 +64,9 @@ pub fn run(cx: &Context, args: BuildArgs) -> Result<(), Error> {
     let recipes = recipe::load(&path)?;
     let system = parse_system(args.system.as_deref())?;
     let store = Store::new(&cx.store_root)?;
+    if recipes.packages.is_empty() && args.modules.is_empty() {
+        return no_packages(&path, &system, &store, args.json, args.dry_run);
+    }
     let plan = plan(&recipes, store.root(), &system, &args.modules)?;
     let host = System::host();
     let need = scheduler::missing(&store, &plan);
@@ -79,14 +82,13 @@ pub fn run(cx: &Context, args: BuildArgs) -> Result<(), Error> {
         options.jobs = j.max(1);
     }
     options.keep_going = args.keep_going;
+    // Made under the gc lock the builds hold, so gc cannot delete the
+    // packages between their build and their root.
+    options.add_roots = args.add_root;
     let renderer = Renderer::new(args.json, cx.verbose);
     let result = scheduler::realise(&store, &plan, &options, &renderer);
     renderer.finish();
     let report = result?;
-
-    if args.add_root {
-        add_roots(&store, &plan)?;
-    }
 
     let roots: serde_json::Map<String, serde_json::Value> = plan
         .roots
@@ -190,15 +192,34 @@ fn print_dry_run(plan: &Plan, need: &[String], json: bool) -> Result<(), Error> 
     Ok(())
 }
 
-fn add_roots(store: &Store, plan: &Plan) -> Result<(), Error> {
-    let dir = store.roots_dir();
-    std::fs::create_dir_all(&dir).map_err(punix::files::ctx("cannot create", &dir))?;
-    for name in plan.roots.values() {
-        let link = dir.join(name);
-        if link.symlink_metadata().is_err() {
-            std::os::unix::fs::symlink(store.entry_path(name), &link)
-                .map_err(punix::files::ctx("cannot create the root link", &link))?;
-        }
+/// A recipe file with stacks but no packages: nothing to build, and say so.
+fn no_packages(
+    path: &std::path::Path,
+    system: &System,
+    store: &Store,
+    json: bool,
+    dry_run: bool,
+) -> Result<(), Error> {
+    if json && dry_run {
+        print_json(&json!({
+            "system": system.to_string(),
+            "would_build": [],
+            "present": [],
+        }));
+    } else if json {
+        print_json(&json!({
+            "system": system.to_string(),
+            "store_root": store.root(),
+            "built": [],
+            "present": [],
+            "packages": {},
+            "seconds": 0.0,
+        }));
+    } else {
+        eprintln!(
+            "no packages to build: `{}` declares no `[package.NAME]`",
+            path.display()
+        );
     }
     Ok(())
 }

@@ -11,7 +11,8 @@ use super::{Context, print_json, recipes_path};
 use punix::Error;
 use punix::build::plan::plan;
 use punix::recipe;
-use punix::store::{Store, content_hash, gc};
+use punix::store::lock::LockMode;
+use punix::store::{Store, StoreError, content_hash, gc};
 
 #[derive(Debug, Subcommand)]
 pub enum StoreCommand {
@@ -35,6 +36,7 @@ pub struct PathArgs {
     /// The system to compute the path for [default: this machine's].
     #[arg(long, value_name = "SYSTEM")]
     pub system: Option<String>,
+    /// Print one JSON object (package name -> store path) on stdout.
     #[arg(long)]
     pub json: bool,
     /// Packages [default: all].
@@ -47,15 +49,21 @@ pub struct LsArgs {
     /// Also show the system, the content hash and the size.
     #[arg(long, short = 'l')]
     pub long: bool,
+    /// Print one JSON array of entries (path, name, system, content hash,
+    /// size, inputs) on stdout.
     #[arg(long)]
     pub json: bool,
 }
 
 #[derive(Debug, Args)]
 pub struct VerifyArgs {
+    /// Discard the damaged entries, so that the next build makes them again.
+    #[arg(long)]
+    pub repair: bool,
+    /// Print one JSON object (checked, failed, repaired) on stdout.
     #[arg(long)]
     pub json: bool,
-    /// Entry names to verify [default: all].
+    /// Entries to verify, by name or store path [default: all].
     #[arg(value_name = "ENTRY")]
     pub names: Vec<String>,
 }
@@ -69,6 +77,7 @@ pub struct GcArgs {
     /// [default: `deployments-root` in config.toml, else ~/.punix/deployments]
     #[arg(long, env = "PUNIX_DEPLOYMENTS_ROOT", value_name = "DIR")]
     pub deployments_root: Option<PathBuf>,
+    /// Print one JSON object with what gc found and did on stdout.
     #[arg(long)]
     pub json: bool,
     /// Collect garbage on a target instead of here: keep every path that a
@@ -79,6 +88,8 @@ pub struct GcArgs {
 
 #[derive(Debug, Args)]
 pub struct HashArgs {
+    /// Files or directory trees to hash (any path, in the store or not).
+    #[arg(value_name = "PATH", required = true)]
     pub paths: Vec<PathBuf>,
 }
 
@@ -117,6 +128,7 @@ pub fn run(cx: &Context, cmd: StoreCommand) -> Result<(), Error> {
                             "name": n,
                             "system": drv.as_ref().map(|d| d.system.clone()),
                             "content_hash": built.map(|b| b.content_hash),
+                            "size": store.entry_size(n),
                             "inputs": drv.map(|d| d.inputs).unwrap_or_default(),
                         })
                     })
@@ -126,10 +138,11 @@ pub fn run(cx: &Context, cmd: StoreCommand) -> Result<(), Error> {
                 } else {
                     for r in rows {
                         println!(
-                            "{}  {}  {}",
+                            "{}  {}  {}  {}",
                             r["path"].as_str().unwrap_or_default(),
                             r["system"].as_str().unwrap_or("?"),
                             r["content_hash"].as_str().unwrap_or("?"),
+                            human_bytes(r["size"].as_u64().unwrap_or(0)),
                         );
                     }
                 }
@@ -140,56 +153,7 @@ pub fn run(cx: &Context, cmd: StoreCommand) -> Result<(), Error> {
             }
             Ok(())
         }
-        StoreCommand::Verify(a) => {
-            let names = if a.names.is_empty() {
-                store.list()?
-            } else {
-                a.names
-                    .iter()
-                    .map(|n| {
-                        PathBuf::from(n)
-                            .file_name()
-                            .map(|f| f.to_string_lossy().into_owned())
-                            .unwrap_or_else(|| n.clone())
-                    })
-                    .collect()
-            };
-            let results: Vec<(String, Result<(), String>)> = names
-                .par_iter()
-                .map(|n| (n.clone(), store.verify_entry(n).map_err(|e| e.to_string())))
-                .collect();
-            let failed: Vec<String> = results
-                .iter()
-                .filter(|(_, r)| r.is_err())
-                .map(|(n, _)| n.clone())
-                .collect();
-            if a.json {
-                print_json(&json!({
-                    "checked": results.len(),
-                    "failed": results.iter().filter_map(|(n, r)| r.as_ref().err().map(|e| json!({"name": n, "error": e}))).collect::<Vec<_>>(),
-                }));
-            } else {
-                for (_, r) in &results {
-                    if let Err(e) = r {
-                        eprintln!("FAILED: {e}");
-                    }
-                }
-                eprintln!(
-                    "verified {} entries: {} ok, {} failed",
-                    results.len(),
-                    results.len() - failed.len(),
-                    failed.len()
-                );
-            }
-            if failed.is_empty() {
-                Ok(())
-            } else {
-                Err(Error::VerifyFailed {
-                    failed,
-                    total: results.len(),
-                })
-            }
-        }
+        StoreCommand::Verify(a) => verify(&store, a),
         StoreCommand::Gc(a) if a.target.given() => {
             let t = a.target.open()?;
             let report = punix::deploy::gc_target(
@@ -208,8 +172,8 @@ pub fn run(cx: &Context, cmd: StoreCommand) -> Result<(), Error> {
                 println!("{verb} {}", store.entry_path(n).display());
             }
             eprintln!(
-                "{verb} {} entries on {}, kept {} ({} pinned by generations)",
-                report.deleted.len(),
+                "{verb} {} on {}, kept {} ({} pinned by generations)",
+                entries(report.deleted.len()),
                 report.target,
                 report.kept,
                 report.pinned
@@ -235,8 +199,8 @@ pub fn run(cx: &Context, cmd: StoreCommand) -> Result<(), Error> {
                 println!("{verb} {}", store.entry_path(n).display());
             }
             eprintln!(
-                "{verb} {} entries ({}), kept {} reachable from {} root(s)",
-                report.deleted.len(),
+                "{verb} {} ({}), kept {} reachable from {} root(s)",
+                entries(report.deleted.len()),
                 human_bytes(report.freed_bytes),
                 report.kept,
                 report.roots.len()
@@ -250,6 +214,116 @@ pub fn run(cx: &Context, cmd: StoreCommand) -> Result<(), Error> {
             }
             Ok(())
         }
+    }
+}
+
+/// Re-hash entries; with `--repair`, discard the damaged ones.
+fn verify(store: &Store, a: VerifyArgs) -> Result<(), Error> {
+    let names = if a.names.is_empty() {
+        store.list()?
+    } else {
+        a.names
+            .iter()
+            .map(|n| store.resolve_name(n))
+            .collect::<Result<Vec<_>, _>>()?
+    };
+    let results: Vec<(String, Result<(), StoreError>)> = names
+        .par_iter()
+        .map(|n| (n.clone(), store.verify_entry(n)))
+        .collect();
+    let failed: Vec<String> = results
+        .iter()
+        .filter(|(_, r)| r.is_err())
+        .map(|(n, _)| n.clone())
+        .collect();
+    // Damaged: present but not what was built. A name that is not an entry
+    // here, or a read error, is not repaired by deleting.
+    let damaged = |e: &StoreError| {
+        matches!(
+            e,
+            StoreError::Modified { .. }
+                | StoreError::Corrupt { .. }
+                | StoreError::Hash(content_hash::HashError::Special { .. })
+        )
+    };
+    let mut repaired = Vec::new();
+    let mut unrepaired = Vec::new();
+    if a.repair {
+        let to_discard: Vec<&String> = results
+            .iter()
+            .filter(|(_, r)| r.as_ref().err().is_some_and(damaged))
+            .map(|(n, _)| n)
+            .collect();
+        if !to_discard.is_empty() {
+            store.ensure_writable()?;
+            let _gc = store.lock_gc(LockMode::Shared, true)?;
+            for n in to_discard {
+                let _lock = store.lock_entry(n)?;
+                store.discard(n)?;
+                repaired.push(n.clone());
+            }
+        }
+        unrepaired = failed
+            .iter()
+            .filter(|n| !repaired.contains(n))
+            .cloned()
+            .collect();
+    }
+    if a.json {
+        print_json(&json!({
+            "checked": results.len(),
+            "failed": results.iter().filter_map(|(n, r)| r.as_ref().err().map(|e| json!({"name": n, "error": e.to_string()}))).collect::<Vec<_>>(),
+            "repaired": repaired,
+        }));
+    } else {
+        for (n, r) in &results {
+            if let Err(e) = r {
+                eprintln!("FAILED: {e}");
+                if repaired.contains(n) {
+                    eprintln!("  discarded `{n}`: the next build makes it again");
+                }
+            }
+        }
+        eprintln!(
+            "verified {}: {} ok, {} failed{}",
+            entries(results.len()),
+            results.len() - failed.len(),
+            failed.len(),
+            if a.repair {
+                format!(", {} discarded", repaired.len())
+            } else {
+                String::new()
+            }
+        );
+        if !a.repair
+            && failed.iter().any(|n| {
+                results
+                    .iter()
+                    .any(|(m, r)| m == n && r.as_ref().err().is_some_and(damaged))
+            })
+        {
+            eprintln!(
+                "  hint: `punix store verify --repair` discards the damaged entries; the next build (or deploy) makes them again"
+            );
+        }
+    }
+    let still_failed = if a.repair { unrepaired } else { failed };
+    if still_failed.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::VerifyFailed {
+            failed: still_failed,
+            total: results.len(),
+        })
+    }
+}
+
+/// "1 entry", "3 entries".
+fn entries(n: usize) -> String {
+    if n == 1 {
+        "1 entry".into()
+    } else {
+        format!("{n} entries")
     }
 }
 

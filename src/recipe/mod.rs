@@ -186,9 +186,11 @@ pub fn recipe_files(path: &Path) -> Result<Vec<PathBuf>, RecipeError> {
     Ok(files)
 }
 
-/// Load and check the recipes at `path` (a file or a directory).
+/// Load and check the recipes at `path` (a file or a directory). A file
+/// that is not UTF-8 is reported together with the other files' mistakes.
 pub fn load(path: &Path) -> Result<Recipes, RecipeError> {
     let mut sources = Vec::new();
+    let mut unreadable = Vec::new();
     for file in recipe_files(path)? {
         let bytes = fs::read(&file).map_err(|source| RecipeError::Read {
             path: file.clone(),
@@ -206,14 +208,23 @@ pub fn load(path: &Path) -> Result<Recipes, RecipeError> {
                 let mut d = src.diag(0..0, "the file is not valid UTF-8");
                 d.line = line;
                 d.col = col;
-                return Err(RecipeError::Invalid(vec![
-                    d.with_hint("TOML files must be UTF-8; re-save the file as UTF-8"),
-                ]));
+                unreadable.push(d.with_hint("TOML files must be UTF-8; re-save the file as UTF-8"));
+                continue;
             }
         };
         sources.push(SourceText::new(file, text));
     }
-    load_sources(&sources)
+    match (load_sources(&sources), unreadable.is_empty()) {
+        (result, true) => result,
+        (Ok(_), false) => Err(RecipeError::Invalid(unreadable)),
+        (Err(RecipeError::Invalid(mut diags)), false) => {
+            diags.append(&mut unreadable);
+            diags.sort();
+            diags.dedup();
+            Err(RecipeError::Invalid(diags))
+        }
+        (Err(other), false) => Err(other),
+    }
 }
 
 /// Load and check recipes from texts already read. `src` paths are
@@ -533,6 +544,13 @@ fn check_package(
                 );
                 None
             }
+            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+                diags.push(
+                    src.diag(s.span.clone(), format!("`src` of package `{name}` cannot be read: `{}` (permission denied)", p.display()))
+                        .with_hint("give your user read and search permission on it and on the directories above it (`ls -ld` each one)"),
+                );
+                None
+            }
             Err(e) => {
                 diags.push(
                     src.diag(s.span.clone(), format!("`src` of package `{name}` does not exist: `{}` ({})", p.display(), io_reason(&e)))
@@ -662,8 +680,26 @@ fn system_diag(src: &SourceText, s: &Located<String>, e: &SystemError) -> Diagno
         }
         SystemError::Os(_) => "the operating systems are `linux` and `darwin`",
     };
-    let hint = diagnostic::did_you_mean(&s.value, KNOWN_SYSTEMS.iter().copied())
-        .unwrap_or_else(|| fallback.to_string());
+    // An unknown architecture is compared by its name alone, with a small
+    // distance: `z80` is not a misspelt `i686`.
+    let close = match e {
+        SystemError::Arch(a) => {
+            let os = s
+                .value
+                .rsplit_once('-')
+                .map_or(String::new(), |(_, os)| os.to_ascii_lowercase());
+            KNOWN_SYSTEMS
+                .iter()
+                .filter_map(|k| k.split_once('-'))
+                .filter(|(_, kos)| *kos == os || os.is_empty())
+                .map(|(karch, _)| (strsim::damerau_levenshtein(a, karch), karch))
+                .filter(|(d, karch)| *d <= 2 && *d < a.len().min(karch.len()))
+                .min()
+                .map(|(_, karch)| format!("did you mean `{karch}-{os}`?"))
+        }
+        _ => diagnostic::did_you_mean(&s.value, KNOWN_SYSTEMS.iter().copied()),
+    };
+    let hint = close.unwrap_or_else(|| fallback.to_string());
     src.diag(s.span.clone(), message).with_hint(hint)
 }
 

@@ -3,9 +3,12 @@
 //! Roots are the store paths pinned by generation files
 //! (`<deployments-root>/<stack>/gen-*.json`, field `store_paths`) and the
 //! symlinks in `<store-root>/.roots/`. Everything in the runtime closure of a
-//! root stays. gc holds the store's gc lock exclusively, so no build of this
-//! store runs meanwhile, and removes each entry by renaming it away first, so
-//! an entry is either whole or gone.
+//! root stays. A generation file that cannot be read or parsed stops gc
+//! before it deletes anything, since the paths it pins are unknown. gc holds
+//! the store's gc lock exclusively, so no build of this store runs
+//! meanwhile, and removes each entry by renaming it away first, so an entry
+//! is either whole or gone; it also removes every temporary (`.tmp...`,
+//! `.del-...`), which no running build can own.
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -16,7 +19,7 @@ use serde::Serialize;
 
 use super::derivation::is_store_name;
 use super::lock::LockMode;
-use super::{Store, StoreError};
+use super::{Store, StoreError, tree_size};
 use crate::files::ctx;
 
 /// Where a root came from.
@@ -68,19 +71,8 @@ pub fn find_roots(store: &Store, deployments_root: Option<&Path>) -> Result<Vec<
                 if !(fname.starts_with("gen-") && fname.ends_with(".json")) {
                     continue;
                 }
-                let bytes = fs::read(&file).map_err(ctx("cannot read", &file))?;
-                let value: serde_json::Value =
-                    serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt {
-                        name: file.display().to_string(),
-                        reason: format!("not a generation file: {e}"),
-                    })?;
-                let paths = value
-                    .get("store_paths")
-                    .and_then(|v| v.as_array())
-                    .cloned()
-                    .unwrap_or_default();
-                for p in paths.iter().filter_map(|v| v.as_str()) {
-                    if let Some(name) = entry_name_of(store, p) {
+                for p in generation_paths(&file)? {
+                    if let Some(name) = entry_name_of(store, &p) {
                         roots.insert(Root {
                             source: file.clone(),
                             name,
@@ -116,6 +108,30 @@ pub fn find_roots(store: &Store, deployments_root: Option<&Path>) -> Result<Vec<
     Ok(roots.into_iter().collect())
 }
 
+/// The store paths a generation file pins; any doubt is an error, so gc
+/// never deletes what an unreadable generation may pin.
+fn generation_paths(file: &Path) -> Result<Vec<String>, StoreError> {
+    let bad = |reason: String| StoreError::BadGeneration {
+        file: file.to_path_buf(),
+        reason,
+    };
+    let bytes = fs::read(file).map_err(|e| bad(e.to_string()))?;
+    let value: serde_json::Value =
+        serde_json::from_slice(&bytes).map_err(|e| bad(format!("not JSON: {e}")))?;
+    let paths = value
+        .get("store_paths")
+        .and_then(|v| v.as_array())
+        .ok_or_else(|| bad("it has no `store_paths` list".into()))?;
+    paths
+        .iter()
+        .map(|v| {
+            v.as_str()
+                .map(str::to_string)
+                .ok_or_else(|| bad(format!("`store_paths` holds {v}, not a path")))
+        })
+        .collect()
+}
+
 fn read_dir_sorted(dir: &Path) -> Result<Vec<PathBuf>, StoreError> {
     let rd = match fs::read_dir(dir) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -127,19 +143,6 @@ fn read_dir_sorted(dir: &Path) -> Result<Vec<PathBuf>, StoreError> {
     }
     out.sort();
     Ok(out)
-}
-
-fn tree_size(path: &Path) -> u64 {
-    let Ok(meta) = fs::symlink_metadata(path) else {
-        return 0;
-    };
-    if meta.is_dir() {
-        fs::read_dir(path)
-            .map(|rd| rd.flatten().map(|e| tree_size(&e.path())).sum())
-            .unwrap_or(0)
-    } else {
-        meta.len()
-    }
 }
 
 /// Collect garbage. With `dry_run`, only report what would go.
@@ -181,7 +184,7 @@ pub fn collect(
         report.deleted.push(name);
     }
     if !dry_run {
-        store.sweep()?;
+        store.sweep_all()?;
     }
     Ok(report)
 }

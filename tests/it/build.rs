@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use crate::common::{Test, repo};
+use crate::common::{Run, Test, repo};
 
 fn wait_for(path: &Path, secs: u64) -> bool {
     let deadline = Instant::now() + Duration::from_secs(secs);
@@ -139,11 +139,9 @@ pwd > "$out/pwd"
     let build_top = Path::new(vars["HOME"]).parent().unwrap();
     assert_eq!(Path::new(vars["TMPDIR"]).parent().unwrap(), build_top);
     assert_eq!(Path::new(vars["src"]).parent().unwrap(), build_top);
-    assert!(
-        vars["out"].contains("/.tmp-"),
-        "out is a temporary: {}",
-        vars["out"]
-    );
+    // `out` was a temporary sibling; the file recording it was rewritten
+    // to name the final path.
+    assert_eq!(vars["out"], env_out.to_str().unwrap());
     assert!(
         !build_top.exists(),
         "the build directory is removed afterwards"
@@ -335,13 +333,15 @@ echo done > "$out/bin/complete"
     let leftovers: Vec<String> = t
         .store_dirs()
         .into_iter()
-        .filter(|d| d.starts_with(".tmp-"))
+        .filter(|d| d.starts_with(".tmp"))
         .collect();
     assert_eq!(
         leftovers.len(),
         1,
         "the killed build's temporary: {leftovers:?}"
     );
+    assert_eq!(leftovers[0].len(), name.len(), "as long as the final name");
+    assert_eq!(leftovers[0][32..], name[32..]);
     let ls = t.run(&["store", "ls"]).success();
     assert!(!ls.stdout.contains(&name), "{}", ls.stdout);
 
@@ -352,7 +352,7 @@ echo done > "$out/bin/complete"
         "done\n"
     );
     assert!(
-        !t.store_dirs().iter().any(|d| d.starts_with(".tmp-")),
+        !t.store_dirs().iter().any(|d| d.starts_with(".tmp")),
         "the stale temporary was swept: {:?}",
         t.store_dirs()
     );
@@ -470,7 +470,8 @@ fn another_system_gets_another_path_and_needs_a_machine_of_that_system() {
         "{}",
         r.stderr
     );
-    let r = t.build(&["--system", "z80-linux"]).failure(1);
+    // A bad `--system` is a usage error.
+    let r = t.build(&["--system", "z80-linux"]).failure(2);
     assert!(
         r.stderr.contains("unknown architecture `z80`"),
         "{}",
@@ -560,4 +561,286 @@ fn missing_features_are_refused_before_building() {
     fs::create_dir_all(&cfg).unwrap();
     fs::write(cfg.join("config.toml"), "features = [\"kvm\"]\n").unwrap();
     t.build(&[]).success();
+}
+
+/// A recipe whose output records `$out`: in a text file, in a read-only
+/// script, in a symlink target and between binary bytes.
+const SELF_REFERENCE: &str = r#"
+[package.Pc]
+pname = "pc"
+version = "1.0"
+script = '''
+mkdir -p "$out/lib/pkgconfig" "$out/share" "$out/bin"
+echo data > "$out/share/data"
+echo "prefix=$out" > "$out/lib/pkgconfig/pc.pc"
+printf '#!/bin/sh\ncat %s/share/data\n' "$out" > "$out/bin/show"
+chmod 555 "$out/bin/show"
+printf '\001\002%s\000%s/share\000' "$out" "$out" > "$out/lib/blob"
+ln -s "$out/share/data" "$out/share/link"
+'''
+"#;
+
+fn content_hash_of(t: &Test, name: &str) -> String {
+    let r = t.run(&["store", "ls", "--json"]).success();
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == name)
+        .map(|e| e["content_hash"].as_str().unwrap().to_string())
+        .unwrap_or_else(|| panic!("no entry {name}: {}", r.stdout))
+}
+
+#[test]
+fn an_output_that_records_out_names_its_final_path() {
+    let (t1, t2) = (Test::new(), Test::new());
+    for t in [&t1, &t2] {
+        t.file("p.toml", SELF_REFERENCE);
+        t.build(&[]).success();
+        let p = t.path_of("Pc");
+        let name = p.file_name().unwrap().to_str().unwrap().to_string();
+        assert_eq!(
+            fs::read_to_string(p.join("lib/pkgconfig/pc.pc")).unwrap(),
+            format!("prefix={}\n", p.display())
+        );
+        let show = p.join("bin/show");
+        assert_eq!(
+            fs::metadata(&show).unwrap().permissions().mode() & 0o777,
+            0o555,
+            "the mode is kept"
+        );
+        let out = std::process::Command::new(&show).output().unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "data\n");
+        assert_eq!(
+            fs::read(p.join("lib/blob")).unwrap(),
+            [
+                &b"\x01\x02"[..],
+                p.to_str().unwrap().as_bytes(),
+                b"\x00",
+                format!("{}/share", p.display()).as_bytes(),
+                b"\x00"
+            ]
+            .concat()
+        );
+        assert_eq!(
+            fs::read_link(p.join("share/link")).unwrap(),
+            p.join("share/data")
+        );
+        assert_eq!(fs::read_to_string(p.join("share/link")).unwrap(), "data\n");
+        t.run(&["store", "verify"]).success();
+
+        // Delete it and build it again: another temporary, the same content.
+        let first = content_hash_of(t, &name);
+        t.run(&["store", "gc"]).success();
+        assert!(!p.exists());
+        t.build(&[]).success();
+        assert_eq!(content_hash_of(t, &name), first, "the same content hash");
+    }
+    // Each store's output names its own root.
+    assert_ne!(t1.path_of("Pc"), t2.path_of("Pc"));
+}
+
+#[test]
+fn a_special_file_in_the_output_is_named_relative_to_out() {
+    let t = Test::new();
+    t.file(
+        "p.toml",
+        "[package.Fifo]\npname = \"fifo\"\nversion = \"1.0\"\nscript = 'mkdir -p \"$out/sub\"; mkfifo \"$out/sub/pipe\"'\n",
+    );
+    let r = t.build(&[]).failure(3);
+    assert!(
+        r.stderr.contains(
+            "`sub/pipe` in the output of `Fifo` is a fifo; a store tree may hold only files, directories and symlinks"
+        ),
+        "{}",
+        r.stderr
+    );
+    assert!(!r.stderr.contains("/store/.tmp"), "{}", r.stderr);
+    assert!(r.stderr.contains("the build log is in"), "{}", r.stderr);
+    assert!(!t.store_dirs().iter().any(|d| d.starts_with(".tmp")));
+}
+
+#[test]
+fn an_empty_log_says_so() {
+    let t = Test::new();
+    t.file(
+        "p.toml",
+        "[package.Quiet]\npname = \"quiet\"\nversion = \"1\"\nscript = 'exit 4'\n",
+    );
+    let r = t.build(&[]).failure(3);
+    assert!(
+        r.stderr.contains("---\n(the log is empty)\n---"),
+        "{}",
+        r.stderr
+    );
+}
+
+#[test]
+fn a_file_with_only_stacks_has_no_packages_to_build() {
+    let t = Test::new();
+    t.file("s.toml", "[stack.Web]\nbackend = \"systemd\"\n");
+    let r = t.build(&[]).success();
+    assert!(r.stderr.contains("no packages to build"), "{}", r.stderr);
+    assert!(r.stdout.is_empty(), "{}", r.stdout);
+    let r = t.build(&["--json"]).success();
+    let v: serde_json::Value = serde_json::from_str(r.stdout.trim()).unwrap();
+    assert_eq!(v["built"].as_array().unwrap().len(), 0);
+}
+
+#[test]
+fn build_cores_are_shared_among_concurrent_builds() {
+    let t = Test::new();
+    let pkg = |n: &str, salt: &str| {
+        format!(
+            "[package.{n}]\npname = \"{l}\"\nversion = \"1\"\nscript = 'mkdir -p \"$out\"; echo $PUNIX_BUILD_CORES > \"$out/cores\"{salt}'\n",
+            l = n.to_lowercase()
+        )
+    };
+    let cores = std::thread::available_parallelism().unwrap().get();
+    let read = |m: &str| {
+        fs::read_to_string(t.path_of(m).join("cores"))
+            .unwrap()
+            .trim()
+            .parse::<usize>()
+            .unwrap()
+    };
+    // One build at a time: each may use every core.
+    t.file("p.toml", &(pkg("A", "") + &pkg("B", "")));
+    t.build(&["-j", "1"]).success();
+    assert_eq!((read("A"), read("B")), (cores, cores));
+    // Two at once: they share them. (Other scripts, so other paths.)
+    t.file("p.toml", &(pkg("A", "; true") + &pkg("B", "; true")));
+    t.build(&["-j", "2"]).success();
+    let half = (cores / 2).max(1);
+    assert_eq!((read("A"), read("B")), (half, half));
+}
+
+#[test]
+fn a_misspelt_arch_gets_a_near_suggestion_and_z80_none() {
+    let t = Test::new();
+    t.file(
+        "p.toml",
+        "[package.A]\npname = \"a\"\nversion = \"1\"\nscript = 'x'\nsystems = [\"z80-linux\", \"aarhc64-linux\"]\n",
+    );
+    let r = t.build(&[]).failure(1);
+    assert!(!r.stderr.contains("i686-linux`?"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains(
+            "unknown architecture `z80` in system `z80-linux`\n  hint: known architectures:"
+        ),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        r.stderr.contains("did you mean `aarch64-linux`?"),
+        "{}",
+        r.stderr
+    );
+}
+
+#[test]
+fn a_non_utf8_file_does_not_hide_the_other_files_errors() {
+    let t = Test::new();
+    t.file(
+        "a.toml",
+        "[package.A]\npname = \"a\"\nversion = \"1\"\nscript = 'x'\n",
+    );
+    fs::write(t.pkgs().join("b.toml"), b"[package.B]\npname = \"b\xff\"\n").unwrap();
+    t.file(
+        "c.toml",
+        "[package.C]\npname = \"c\"\nverison = \"1\"\nscript = 'x'\n",
+    );
+    let r = t.build(&[]).failure(1);
+    assert!(
+        r.stderr
+            .contains("b.toml:2:11: the file is not valid UTF-8"),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        r.stderr.contains("c.toml:3:1: unknown key `verison`"),
+        "{}",
+        r.stderr
+    );
+}
+
+/// Make `cmd` run as `nobody` when the tests run as root, so that file
+/// permissions bite as they do for a user.
+pub fn unprivileged(t: &Test, cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        fs::set_permissions(t.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        cmd.uid(65534).gid(65534);
+    }
+}
+
+/// Run a command made with `Test::cmd`.
+pub fn output(cmd: &mut std::process::Command) -> Run {
+    let out = cmd.output().unwrap();
+    Run {
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        out,
+    }
+}
+
+#[test]
+fn an_unreadable_src_says_it_cannot_be_read() {
+    let t = Test::new();
+    let locked = t.pkgs().join("locked");
+    fs::create_dir_all(locked.join("app")).unwrap();
+    fs::set_permissions(&locked, fs::Permissions::from_mode(0o000)).unwrap();
+    t.file(
+        "p.toml",
+        "[package.A]\npname = \"a\"\nversion = \"1\"\nsrc = \"locked/app\"\nscript = 'x'\n",
+    );
+    let pkgs = t.pkgs();
+    let mut cmd = t.cmd();
+    cmd.args(["store", "path", "--file", pkgs.to_str().unwrap()]);
+    unprivileged(&t, &mut cmd);
+    let r = output(&mut cmd);
+    fs::set_permissions(&locked, fs::Permissions::from_mode(0o755)).unwrap();
+    let r = r.failure(1);
+    assert!(
+        r.stderr.contains("`src` of package `A` cannot be read: `")
+            && r.stderr.contains("(permission denied)"),
+        "{}",
+        r.stderr
+    );
+    assert!(!r.stderr.contains("does not exist"), "{}", r.stderr);
+}
+
+#[test]
+fn add_root_waits_for_a_running_gc() {
+    use punix::store::lock::{FileLock, LockMode};
+    let t = Test::new();
+    t.file(
+        "p.toml",
+        "[package.A]\npname = \"a\"\nversion = \"1\"\nscript = 'mkdir -p \"$out\"'\n",
+    );
+    t.build(&[]).success();
+    let path = t.path_of("A");
+    let link = t.store().join(".roots").join(path.file_name().unwrap());
+    // Stand in for a gc: hold the gc lock exclusively.
+    let gc = FileLock::acquire(&t.store().join(".locks/gc.lock"), LockMode::Exclusive).unwrap();
+    let child = t
+        .cmd()
+        .args(["build", "--file", t.pkgs().to_str().unwrap(), "--add-root"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(700));
+    assert!(
+        link.symlink_metadata().is_err(),
+        "the root appeared while gc held its lock"
+    );
+    drop(gc);
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(fs::read_link(&link).unwrap(), path);
+    // A gc now keeps it.
+    t.run(&["store", "gc"]).success();
+    assert!(path.join("built").is_file());
 }
