@@ -722,7 +722,7 @@ fn gc_on_a_target_keeps_every_pinned_path() {
         ])
         .success();
     assert!(r.stdout.contains("-stray-1"), "{}", r.stdout);
-    assert!(r.stderr.contains("deleted 1 entries"), "{}", r.stderr);
+    assert!(r.stderr.contains("deleted 1 entry on"), "{}", r.stderr);
     assert!(!stray.exists());
     // Both generations' paths are still there: rollback works.
     service(&t, "rollback", &[]).success();
