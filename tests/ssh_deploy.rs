@@ -1,0 +1,591 @@
+//! Deploys over real SSH to the testbed's hosts (`TB_DIR`): the seed's
+//! conformance properties, host keys, a network cut, activation with real
+//! systemd and automatic rollback, concurrent deploys, the wrong system.
+//!
+//! Each test uses its own directories on the hosts, so tests run in
+//! parallel against one testbed.
+#![allow(clippy::unwrap_used)]
+
+#[path = "support/testbed.rs"]
+mod testbed;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use testbed::{Host, Testbed, host_or_skip};
+
+const SECRET: &str = "ssh-s3cr3t-9d2e";
+
+struct Ctx {
+    tb: Testbed,
+    host: Host,
+    user: String,
+    /// Local temp dir; the store root is `/tmp/punix-ssh-<id>/store` both
+    /// here and on the host.
+    local: tempfile::TempDir,
+    id: String,
+}
+
+impl Ctx {
+    fn new(test: &str, host: &str, user: &str) -> Option<Ctx> {
+        let (tb, host) = host_or_skip(test, host)?;
+        let local = tempfile::tempdir().unwrap();
+        let id = format!(
+            "{}-{}",
+            test.replace('_', "-").chars().take(24).collect::<String>(),
+            std::process::id()
+        );
+        fs::create_dir_all(local.path().join("pkgs")).unwrap();
+        fs::create_dir_all(local.path().join("home")).unwrap();
+        Some(Ctx {
+            tb,
+            host,
+            user: user.to_string(),
+            local,
+            id,
+        })
+    }
+
+    fn store(&self) -> PathBuf {
+        PathBuf::from(format!("/tmp/punix-ssh-{}/store", self.id))
+    }
+
+    /// Remote directory for this test's deployments, units and files.
+    fn remote(&self) -> PathBuf {
+        PathBuf::from(format!("/srv/deploy/{}", self.id))
+    }
+
+    fn pkgs(&self) -> PathBuf {
+        self.local.path().join("pkgs")
+    }
+
+    fn file(&self, rel: &str, text: &str) {
+        fs::write(self.pkgs().join(rel), text).unwrap();
+    }
+
+    fn cmd(&self) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_punix"));
+        c.env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("HOME", self.local.path().join("home"))
+            .env("PUNIX_STORE_DIR", self.store())
+            .env("APP_TOKEN", SECRET);
+        c
+    }
+
+    fn target_args(&self) -> Vec<String> {
+        vec![
+            "--target".into(),
+            self.host.url(&self.user),
+            "--key".into(),
+            self.tb.key.display().to_string(),
+            "--known-hosts".into(),
+            self.tb.known_hosts.display().to_string(),
+        ]
+    }
+
+    fn service(&self, cmd: &str, stack: &str, extra: &[&str]) -> Output {
+        let mut args: Vec<String> = vec!["service".into(), cmd.into(), stack.into()];
+        if cmd == "deploy" {
+            args.push("--file".into());
+            args.push(self.pkgs().display().to_string());
+            args.push("--unit-dir".into());
+            args.push(self.remote().join("units").display().to_string());
+        }
+        args.extend(self.target_args());
+        args.push("--deployments-root".into());
+        args.push(self.remote().join("deployments").display().to_string());
+        args.extend(extra.iter().map(|s| s.to_string()));
+        self.cmd().args(&args).output().unwrap()
+    }
+
+    /// A file on the host, read through the host's filesystem here.
+    fn on_host(&self, p: &Path) -> PathBuf {
+        self.host.local_path(p)
+    }
+
+    fn ssh(&self, user: &str, script: &str) -> Output {
+        Command::new("ssh")
+            .args(["-F", self.tb.ssh_config.to_str().unwrap(), "-l", user, &self.host.name])
+            .arg(script)
+            .output()
+            .unwrap()
+    }
+
+    fn current(&self, stack: &str) -> Option<String> {
+        fs::read_link(self.on_host(&self.remote().join("deployments").join(stack).join("current")))
+            .ok()
+            .map(|p| p.to_string_lossy().into_owned())
+    }
+
+    fn accepted_logins(&self) -> usize {
+        let log = self.tb.dir.join("hosts").join(&self.host.name).join("sshd.log");
+        fs::read_to_string(log)
+            .unwrap_or_default()
+            .matches("Accepted publickey")
+            .count()
+    }
+}
+
+impl Drop for Ctx {
+    fn drop(&mut self) {
+        // Leave the hosts clean for the next test run.
+        let dirs = format!(
+            "chmod -R u+w /tmp/punix-ssh-{id} {r} 2>/dev/null; rm -rf /tmp/punix-ssh-{id} {r}",
+            id = self.id,
+            r = self.remote().display()
+        );
+        let _ = self.ssh(&self.user, &dirs);
+        let _ = Command::new("sh")
+            .arg("-c")
+            .arg(format!("chmod -R u+w /tmp/punix-ssh-{id} 2>/dev/null; rm -rf /tmp/punix-ssh-{id}", id = self.id))
+            .status();
+    }
+}
+
+fn ok(o: &Output) -> String {
+    let s = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        o.status.success(),
+        "punix failed ({:?})\nstdout:\n{s}\nstderr:\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stderr)
+    );
+    s
+}
+
+fn fails(o: &Output, code: i32) -> String {
+    let e = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert_eq!(
+        o.status.code(),
+        Some(code),
+        "stdout:\n{}\nstderr:\n{e}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    e
+}
+
+/// Packages and a stack whose files all live under the test's remote dir.
+fn simple_stack(c: &Ctx, conf: &str) {
+    c.file(
+        "pkgs.toml",
+        r#"
+[package.Lib]
+pname = "lib"
+version = "1"
+script = 'mkdir -p "$out/share"; echo lib > "$out/share/lib.txt"'
+
+[package.App]
+pname = "app"
+version = "1"
+deps = ["Lib"]
+script = '''
+mkdir -p "$out/bin"
+printf '#!/bin/sh\necho app\n' > "$out/bin/app"
+chmod +x "$out/bin/app"
+'''
+"#,
+    );
+    c.file(
+        "stack.toml",
+        &format!(
+            r#"
+[stack.Web]
+
+[[stack.Web.services]]
+name = "app"
+package = "App"
+binary = "app"
+environment = {{ TOKEN = {{ from-env = "APP_TOKEN" }} }}
+
+[[stack.Web.config-files]]
+path = "{}/etc/app.conf"
+content = "{conf}"
+"#,
+            c.remote().display()
+        ),
+    );
+}
+
+#[test]
+fn seed_conformance_over_ssh() {
+    let Some(c) = Ctx::new("seed_conformance_over_ssh", "h1", "tbdeploy") else {
+        return;
+    };
+    simple_stack(&c, "one\\n");
+    let logins = c.accepted_logins();
+    let out = ok(&c.service("deploy", "Web", &[]));
+    assert!(out.contains("gen-001") && out.contains("2 pushed / 0 cached"), "{out}");
+    assert_eq!(c.accepted_logins() - logins, 1, "one SSH connection per deploy");
+    assert_eq!(c.current("Web").as_deref(), Some("gen-001.json"));
+    let conf = c.on_host(&c.remote().join("etc/app.conf"));
+    assert_eq!(fs::read_to_string(&conf).unwrap(), "one\n");
+
+    // Unchanged: 0 pushed, no new generation.
+    let logins = c.accepted_logins();
+    let out = ok(&c.service("deploy", "Web", &["--json"]));
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["unchanged"], true);
+    assert_eq!(v["pushed"], 0);
+    assert!(v["counters"]["round_trips"].as_u64().unwrap() <= 3, "{v}");
+    assert_eq!(c.accepted_logins() - logins, 1);
+
+    // A change, then rollback restores exactly.
+    simple_stack(&c, "two\\n");
+    ok(&c.service("deploy", "Web", &[]));
+    assert_eq!(c.current("Web").as_deref(), Some("gen-002.json"));
+    assert_eq!(fs::read_to_string(&conf).unwrap(), "two\n");
+    let out = ok(&c.service("rollback", "Web", &[]));
+    assert!(out.contains("rolled back to gen-001"), "{out}");
+    assert_eq!(c.current("Web").as_deref(), Some("gen-001.json"));
+    assert_eq!(fs::read_to_string(&conf).unwrap(), "one\n");
+
+    // Status over SSH.
+    let out = ok(&c.service("status", "Web", &[]));
+    assert!(out.contains("* gen-001") && out.contains("no drift"), "{out}");
+
+    // GC on the target keeps pinned paths; a path removed on the target
+    // makes a rollback to its generation fail clearly.
+    let mut gc_args = vec!["store".to_string(), "gc".into()];
+    gc_args.extend(c.target_args());
+    gc_args.push("--deployments-root".into());
+    gc_args.push(c.remote().join("deployments").display().to_string());
+    let out = c.cmd().args(&gc_args).output().unwrap();
+    ok(&out);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("deleted 0 entries"));
+    let g1: serde_json::Value = serde_json::from_slice(
+        &fs::read(c.on_host(&c.remote().join("deployments/Web/gen-001.json"))).unwrap(),
+    )
+    .unwrap();
+    let lib = g1["store_paths"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .find(|p| p.ends_with("-lib-1"))
+        .unwrap();
+    // gen-003 pins another Lib; the old one, pinned only by gen-001 and
+    // gen-002, disappears from the target.
+    let text = fs::read_to_string(c.pkgs().join("pkgs.toml")).unwrap();
+    c.file("pkgs.toml", &text.replace("echo lib >", "echo lib2 >"));
+    ok(&c.service("deploy", "Web", &[]));
+    assert_eq!(c.current("Web").as_deref(), Some("gen-003.json"));
+    let r = c.ssh(&c.user, &format!("chmod -R u+w {lib} && rm -rf {lib}"));
+    assert!(r.status.success());
+    let err = fails(&c.service("rollback", "Web", &["--to", "1"]), 1);
+    assert!(err.contains("gone from the target") && err.contains("-lib-1"), "{err}");
+    assert_eq!(c.current("Web").as_deref(), Some("gen-003.json"));
+}
+
+#[test]
+fn an_unknown_host_key_fails_and_writes_nothing() {
+    let Some(c) = Ctx::new("an_unknown_host_key_fails", "h1", "tbdeploy") else {
+        return;
+    };
+    simple_stack(&c, "x\\n");
+    let empty = c.local.path().join("empty_known_hosts");
+    fs::write(&empty, "").unwrap();
+    let out = c
+        .cmd()
+        .args(["service", "deploy", "Web", "--file", c.pkgs().to_str().unwrap()])
+        .args(["--target", &c.host.url(&c.user), "--key", c.tb.key.to_str().unwrap()])
+        .args(["--known-hosts", empty.to_str().unwrap()])
+        .args(["--deployments-root", c.remote().join("deployments").to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = fails(&out, 3);
+    assert!(err.contains("Host key verification failed"), "{err}");
+    assert!(err.contains("ssh-keyscan"), "{err}");
+    assert!(!c.on_host(&c.remote()).exists(), "nothing was written");
+}
+
+#[test]
+fn an_unwritable_store_root_is_reported_before_pushing() {
+    let Some(c) = Ctx::new("an_unwritable_store_root", "h1", "tbdeploy") else {
+        return;
+    };
+    simple_stack(&c, "x\\n");
+    // Build locally into a store at /root/...: tbdeploy cannot write there.
+    let store = PathBuf::from(format!("/root/punix-ssh-{}/store", c.id));
+    let mut args: Vec<String> = vec![
+        "service".into(),
+        "deploy".into(),
+        "Web".into(),
+        "--file".into(),
+        c.pkgs().display().to_string(),
+    ];
+    args.extend(c.target_args());
+    args.push("--deployments-root".into());
+    args.push(c.remote().join("deployments").display().to_string());
+    let out = c.cmd().env("PUNIX_STORE_DIR", &store).args(&args).output().unwrap();
+    let _ = fs::remove_dir_all(store.parent().unwrap());
+    let err = fails(&out, 1);
+    assert!(err.contains("cannot write") && err.contains(store.to_str().unwrap()), "{err}");
+    assert!(err.contains("--store-root"), "{err}");
+}
+
+#[test]
+fn a_network_cut_mid_deploy_fails_within_the_timeout_and_a_retry_completes() {
+    let Some(c) = Ctx::new("a_network_cut_mid_deploy", "h2", "tbdeploy") else {
+        return;
+    };
+    simple_stack(&c, "x\\n");
+    let resume = c.local.path().join("resume");
+    let mut args: Vec<String> = vec![
+        "service".into(),
+        "deploy".into(),
+        "Web".into(),
+        "--file".into(),
+        c.pkgs().display().to_string(),
+        "--unit-dir".into(),
+        c.remote().join("units").display().to_string(),
+        "--timeout".into(),
+        "8".into(),
+    ];
+    args.extend(c.target_args());
+    args.push("--deployments-root".into());
+    args.push(c.remote().join("deployments").display().to_string());
+    let mut child = c
+        .cmd()
+        .args(&args)
+        .env("PUNIX_TEST_PAUSE", "push")
+        .env("PUNIX_TEST_RESUME", &resume)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until the deploy is connected and about to push.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let stack_dir = c.on_host(&c.remote().join("deployments/Web"));
+    while !stack_dir.exists() {
+        assert!(Instant::now() < deadline, "the deploy never reached the host");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    // Cut the host's link (keeping its address, so it can come back).
+    let netns = netns_of(&c);
+    let keep = Command::new("ip")
+        .args(["netns", "exec", &netns, "sysctl", "-qw", "net.ipv6.conf.eth0.keep_addr_on_down=1"])
+        .status()
+        .unwrap();
+    assert!(keep.success());
+    let down = Command::new("ip")
+        .args(["netns", "exec", &netns, "ip", "link", "set", "eth0", "down"])
+        .status()
+        .unwrap();
+    assert!(down.success(), "cannot take the link of {netns} down");
+    fs::write(&resume, "").unwrap();
+    let t0 = Instant::now();
+    let out = child.wait_with_output().unwrap();
+    let took = t0.elapsed();
+    let up = Command::new("ip")
+        .args(["netns", "exec", &netns, "ip", "link", "set", "eth0", "up"])
+        .status()
+        .unwrap();
+    assert!(up.success());
+    let err = fails(&out, 3);
+    assert!(took < Duration::from_secs(40), "the failure took {took:?}");
+    assert!(err.contains(&c.host.addr) || err.contains(&c.host.bracketed()), "{err}");
+    assert!(c.current("Web").is_none(), "nothing was committed");
+    // The link is back: a retry completes.
+    std::thread::sleep(Duration::from_millis(500));
+    let out = ok(&c.service("deploy", "Web", &[]));
+    assert!(out.contains("gen-001"), "{out}");
+}
+
+/// The network namespace of a testbed host: `tbXXXX-NAME`.
+fn netns_of(c: &Ctx) -> String {
+    let out = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let tag = c
+        .tb
+        .dir
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .trim_start_matches("testbed.")
+        .to_string();
+    text.lines()
+        .map(|l| l.split_whitespace().next().unwrap_or_default().to_string())
+        .find(|n| n.ends_with(&format!("-{}", c.host.name)) && (n.contains(&tag) || true))
+        .unwrap_or_else(|| panic!("no netns for {} in:\n{text}", c.host.name))
+}
+
+#[test]
+fn concurrent_deploys_over_ssh_are_serialised() {
+    let Some(c) = Ctx::new("concurrent_deploys_over_ssh", "h1", "tbdeploy") else {
+        return;
+    };
+    simple_stack(&c, "a\\n");
+    // Build once so both deploys race on the target, not on the build.
+    ok(&c
+        .cmd()
+        .args(["build", "--file", c.pkgs().to_str().unwrap()])
+        .output()
+        .unwrap());
+    let other = c.local.path().join("pkgs2");
+    fs::create_dir_all(&other).unwrap();
+    fs::copy(c.pkgs().join("pkgs.toml"), other.join("pkgs.toml")).unwrap();
+    fs::write(
+        other.join("stack.toml"),
+        fs::read_to_string(c.pkgs().join("stack.toml"))
+            .unwrap()
+            .replace("content = \"a\\n\"", "content = \"b\\n\""),
+    )
+    .unwrap();
+    let spawn = |dir: &Path| {
+        let mut args: Vec<String> = vec![
+            "service".into(),
+            "deploy".into(),
+            "Web".into(),
+            "--file".into(),
+            dir.display().to_string(),
+            "--unit-dir".into(),
+            c.remote().join("units").display().to_string(),
+        ];
+        args.extend(c.target_args());
+        args.push("--deployments-root".into());
+        args.push(c.remote().join("deployments").display().to_string());
+        c.cmd().args(&args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()
+    };
+    let (a, b) = (spawn(&c.pkgs()), spawn(&other));
+    let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
+    ok(&a);
+    ok(&b);
+    let mut gens: Vec<String> = fs::read_dir(c.on_host(&c.remote().join("deployments/Web")))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("gen-"))
+        .collect();
+    gens.sort();
+    assert_eq!(gens, vec!["gen-001.json", "gen-002.json"]);
+    let out = ok(&c.service("status", "Web", &[]));
+    assert!(out.contains("* gen-002") && out.contains("no drift"), "{out}");
+}
+
+#[test]
+fn a_closure_for_another_system_is_never_pushed() {
+    let Some(c) = Ctx::new("a_closure_for_another_system", "arm1", "tbdeploy") else {
+        return;
+    };
+    simple_stack(&c, "x\\n");
+    let err = fails(&c.service("deploy", "Web", &[]), 1);
+    assert!(err.contains("`aarch64-linux`") && err.contains("x86_64-linux"), "{err}");
+    assert!(!c.on_host(&c.store()).join("x").exists());
+    let store_on_host = c.on_host(&c.store());
+    let entries = fs::read_dir(&store_on_host).map(|rd| rd.count()).unwrap_or(0);
+    assert_eq!(entries, 0, "nothing was pushed to the aarch64 host");
+}
+
+/// A stack of real services for the systemd host: `good` runs until
+/// stopped; with `broken`, the service's program exits 1 at once.
+fn systemd_stack(c: &Ctx, version: &str, broken: bool) {
+    let body = if broken {
+        "echo starting; exit 1".to_string()
+    } else {
+        format!("echo running {version}; exec sleep 100000")
+    };
+    c.file(
+        "pkgs.toml",
+        &format!(
+            r#"
+[package.Daemon]
+pname = "daemon"
+version = "{version}"
+script = '''
+mkdir -p "$out/bin"
+printf '#!/bin/sh\n{body}\n' > "$out/bin/daemon"
+chmod +x "$out/bin/daemon"
+'''
+"#
+        ),
+    );
+    c.file(
+        "stack.toml",
+        &format!(
+            r#"
+[stack.Svc]
+
+[[stack.Svc.services]]
+name = "punix-test-{id}"
+package = "Daemon"
+binary = "daemon"
+environment = {{ TOKEN = {{ from-env = "APP_TOKEN" }} }}
+"#,
+            id = c.id
+        ),
+    );
+}
+
+#[test]
+fn activation_with_real_systemd_and_automatic_rollback() {
+    let Some(c) = Ctx::new("activation_with_real_systemd", "sd1", "root") else {
+        return;
+    };
+    let unit = format!("punix-test-{}.service", c.id);
+    let deploy = |extra: &[&str]| {
+        let mut args: Vec<String> = vec![
+            "service".into(),
+            "deploy".into(),
+            "Svc".into(),
+            "--file".into(),
+            c.pkgs().display().to_string(),
+            "--activate".into(),
+        ];
+        args.extend(c.target_args());
+        args.push("--deployments-root".into());
+        args.push(c.remote().join("deployments").display().to_string());
+        args.extend(extra.iter().map(|s| s.to_string()));
+        c.cmd().args(&args).output().unwrap()
+    };
+    let is_active = || {
+        let o = c.ssh("root", &format!("systemctl is-active {unit}"));
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
+    };
+    let main_pid_cmdline = || {
+        let o = c.ssh(
+            "root",
+            &format!("cat /proc/$(systemctl show -p MainPID --value {unit})/cmdline | tr '\\0' ' '"),
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+
+    systemd_stack(&c, "1", false);
+    let out = ok(&deploy(&[]));
+    assert!(out.contains("restarted punix-test-"), "{out}");
+    assert_eq!(is_active(), "active");
+    let unit_text = fs::read_to_string(c.on_host(&PathBuf::from("/etc/systemd/system").join(&unit))).unwrap();
+    assert!(unit_text.contains("EnvironmentFile="), "{unit_text}");
+
+    // The same again restarts nothing.
+    let out = ok(&deploy(&[]));
+    assert!(out.contains("already current"), "{out}");
+
+    // Version 2 runs.
+    systemd_stack(&c, "2", false);
+    let out = ok(&deploy(&[]));
+    assert!(out.contains("gen-002"), "{out}");
+    assert_eq!(is_active(), "active");
+    let v2 = main_pid_cmdline();
+    assert!(v2.contains("sleep"), "{v2}");
+
+    // A broken version 3: activation fails, the deploy rolls back to
+    // gen-002 and v2 runs again.
+    systemd_stack(&c, "3", true);
+    let err = fails(&deploy(&[]), 3);
+    assert!(err.contains("activation failed"), "{err}");
+    assert!(err.contains("rolled back to gen-002"), "{err}");
+    assert_eq!(c.current("Svc").as_deref(), Some("gen-002.json"));
+    assert_eq!(is_active(), "active");
+    let unit_text = fs::read_to_string(c.on_host(&PathBuf::from("/etc/systemd/system").join(&unit))).unwrap();
+    assert!(unit_text.contains("-daemon-2/bin/daemon"), "{unit_text}");
+
+    // Clean up the unit on the host.
+    let _ = c.ssh(
+        "root",
+        &format!("systemctl disable --now {unit}; rm -f /etc/systemd/system/{unit}; systemctl daemon-reload"),
+    );
+}
