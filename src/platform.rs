@@ -137,6 +137,42 @@ impl fmt::Display for System {
     }
 }
 
+/// The architecture (as in a [`System`]) an ELF file is built for, from
+/// its header's `e_machine`; `None` for a file that is not ELF or names a
+/// machine we do not know.
+pub fn elf_arch(header: &[u8]) -> Option<&'static str> {
+    if header.len() < 20 || &header[..4] != b"\x7fELF" {
+        return None;
+    }
+    let machine = match header[5] {
+        1 => u16::from_le_bytes([header[18], header[19]]),
+        2 => u16::from_be_bytes([header[18], header[19]]),
+        _ => return None,
+    };
+    let class64 = header[4] == 2;
+    Some(match (machine, class64) {
+        (62, _) => "x86_64",
+        (3, _) => "i686",
+        (183, _) => "aarch64",
+        (40, _) => "armv7l",
+        (243, true) => "riscv64",
+        (21, true) if header[5] == 1 => "powerpc64le",
+        (21, true) => "powerpc64",
+        _ => return None,
+    })
+}
+
+/// Is the file at `path` an ELF binary for another architecture than
+/// `system`'s? Returns the file's architecture when it is.
+pub fn elf_mismatch(path: &std::path::Path, system: &System) -> Option<&'static str> {
+    use std::io::Read;
+    let mut header = [0u8; 20];
+    let mut f = std::fs::File::open(path).ok()?;
+    f.read_exact(&mut header).ok()?;
+    let arch = elf_arch(&header)?;
+    (arch != system.arch()).then_some(arch)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -197,6 +233,35 @@ mod tests {
             "x86_64-linux-gnu".parse::<System>(),
             Err(SystemError::Shape(_))
         ));
+    }
+
+    #[test]
+    fn elf_headers_name_their_machine() {
+        let mut h = [0u8; 20];
+        h[..4].copy_from_slice(b"\x7fELF");
+        h[4] = 2;
+        h[5] = 1;
+        h[18] = 183;
+        assert_eq!(elf_arch(&h), Some("aarch64"));
+        h[18] = 62;
+        assert_eq!(elf_arch(&h), Some("x86_64"));
+        assert_eq!(elf_arch(b"#!/bin/sh\necho hello\n"), None);
+        // This test binary itself is for the host.
+        let exe = std::env::current_exe().expect("exe");
+        assert_eq!(elf_mismatch(&exe, &System::host()), None);
+        let other: System = if System::host().arch() == "aarch64" {
+            "x86_64-linux".parse().expect("system")
+        } else {
+            "aarch64-linux".parse().expect("system")
+        };
+        assert_eq!(
+            elf_mismatch(&exe, &other),
+            Some(System::host().arch()).map(|a| match a {
+                "x86_64" => "x86_64",
+                "aarch64" => "aarch64",
+                _ => "other",
+            })
+        );
     }
 
     #[test]

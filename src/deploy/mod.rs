@@ -77,6 +77,15 @@ pub enum DeployError {
         why: String,
     },
     #[error(
+        "`{file}` is an `{file_arch}` binary, and `{target}` is `{target_system}`; refusing to push it\n  hint: build the package for `{target_system}` (its derivation names the system it was built for)"
+    )]
+    ForeignBinary {
+        target: String,
+        file: String,
+        file_arch: String,
+        target_system: String,
+    },
+    #[error(
         "`{target}` has no `rsync`\n  hint: install it on the target (Debian: `apt-get install rsync`)"
     )]
     NoRsync { target: String },

@@ -80,15 +80,25 @@ pub struct DeployReport {
 }
 
 /// Test hook: `PUNIX_TEST_PAUSE=<step>` stops a deploy before that step
-/// (`push`, `commit`, `flip`, `activate`) so a test can kill it there.
+/// (`push`, `commit`, `flip`, `activate`) so a test can kill it there, or
+/// change the world and let it go on: with `PUNIX_TEST_RESUME=FILE` the
+/// deploy resumes once FILE exists.
 fn pause_requested(step: &str) -> bool {
     std::env::var("PUNIX_TEST_PAUSE").is_ok_and(|v| v == step)
 }
 
 fn pause_if_requested(step: &str) {
-    if pause_requested(step) {
-        eprintln!("punix: paused before {step} (PUNIX_TEST_PAUSE)");
-        std::thread::sleep(Duration::from_secs(3600));
+    if !pause_requested(step) {
+        return;
+    }
+    eprintln!("punix: paused before {step} (PUNIX_TEST_PAUSE)");
+    let resume = std::env::var_os("PUNIX_TEST_RESUME").map(PathBuf::from);
+    let deadline = Instant::now() + Duration::from_secs(3600);
+    while Instant::now() < deadline {
+        if resume.as_ref().is_some_and(|f| f.exists()) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -355,6 +365,9 @@ pub fn deploy(
         by_module,
         built,
     } = realise_closure(t, &recipes, &stack, &store, &system, opts, observer)?;
+    if !opts.dry_run {
+        check_binaries(t, &store, &closure, &system)?;
+    }
     let dep_root = deployments_root(opts.deployments_root.as_deref(), &probe);
     let stack_dir = dep_root.join(&stack.name);
     let lay = layout(t, &opts.store_root, &dep_root, &stack.name);
@@ -622,6 +635,34 @@ pub fn deploy(
     report.counters = t.counters();
     report.seconds = start.elapsed().as_secs_f64();
     Ok(report)
+}
+
+/// Refuse a closure with an ELF binary under `bin/` (or `sbin/`) built for
+/// another machine than the target's.
+fn check_binaries(
+    t: &dyn Transport,
+    store: &Store,
+    closure: &[String],
+    system: &System,
+) -> Result<(), DeployError> {
+    for name in closure {
+        for dir in ["bin", "sbin"] {
+            let Ok(rd) = std::fs::read_dir(store.entry_path(name).join(dir)) else {
+                continue;
+            };
+            for e in rd.flatten() {
+                if let Some(arch) = crate::platform::elf_mismatch(&e.path(), system) {
+                    return Err(DeployError::ForeignBinary {
+                        target: t.name(),
+                        file: e.path().display().to_string(),
+                        file_arch: arch.to_string(),
+                        target_system: system.to_string(),
+                    });
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 fn list_or_none(v: &[String]) -> String {

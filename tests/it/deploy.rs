@@ -745,3 +745,30 @@ fn dry_run_shows_the_plan_and_changes_nothing() {
     assert!(current(&t).is_none());
     assert!(!on_target(&t, "/etc/web/app.conf").exists());
 }
+
+#[test]
+fn a_binary_for_another_machine_is_never_pushed() {
+    let t = Test::new();
+    stack(&t, "x\\n");
+    // `App` ships an ELF header for the other architecture in `bin/`.
+    let other_machine = if punix::platform::System::host().arch() == "aarch64" {
+        "\\076\\000"
+    } else {
+        "\\267\\000"
+    };
+    let text = fs::read_to_string(t.pkgs().join("pkgs.toml")).unwrap();
+    t.file(
+        "pkgs.toml",
+        &text.replace(
+            "chmod +x \"$out/bin/app\"",
+            &format!(
+                "chmod +x \"$out/bin/app\"\nprintf '\\177ELF\\002\\001\\001\\000\\000\\000\\000\\000\\000\\000\\000\\000\\002\\000{other_machine}' > \"$out/bin/foreign\""
+            ),
+        ),
+    );
+    let r = deploy(&t, &[]).failure(1);
+    assert!(r.stderr.contains("/bin/foreign` is an `"), "{}", r.stderr);
+    assert!(r.stderr.contains("refusing to push it"), "{}", r.stderr);
+    assert!(current(&t).is_none());
+    assert_store_whole(&t);
+}
