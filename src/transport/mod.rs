@@ -21,10 +21,12 @@ pub mod local;
 pub mod script;
 pub mod ssh;
 
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
-pub use script::quote;
+pub use script::{quote, quote_path};
 
 /// Errors of reaching or using a target.
 #[derive(Debug, thiserror::Error)]
@@ -35,9 +37,13 @@ pub enum TransportError {
         reason: String,
         hint: Option<String>,
     },
-    #[error("the connection to `{target}` is gone ({reason})\n  hint: check that the host is up and sshd runs, then retry; a deploy that stopped here left the target on its old generation")]
+    #[error(
+        "the connection to `{target}` is gone ({reason})\n  hint: check that the host is up and sshd runs, then retry; a deploy that stopped here left the target on its old generation"
+    )]
     Dead { target: String, reason: String },
-    #[error("`{what}` on `{target}` did not finish within {secs}s\n  hint: the host or the network may be overloaded; retry, or raise `--timeout`")]
+    #[error(
+        "`{what}` on `{target}` did not finish within {secs}s\n  hint: the host or the network may be overloaded; retry, or raise `--timeout`"
+    )]
     Timeout {
         target: String,
         what: String,
@@ -58,7 +64,9 @@ pub enum TransportError {
         stderr: String,
         hint: Option<String>,
     },
-    #[error("cannot start `{program}`: {source}\n  hint: install it (Debian: `apt-get install {package}`)")]
+    #[error(
+        "cannot start `{program}`: {source}\n  hint: install it (Debian: `apt-get install {package}`)"
+    )]
     Spawn {
         program: String,
         package: String,
@@ -172,3 +180,307 @@ pub trait Transport: Send + Sync {
 
 /// The default time limit of one remote step.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// How a target lock is taken. See [`lock_holder_script`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LockMethod {
+    /// `flock` where the target has it, else a `mkdir` lock.
+    #[default]
+    Auto,
+    /// Always the `mkdir` lock (what a busybox host without `flock` gets).
+    Mkdir,
+}
+
+/// The first line a lock holder prints once it holds the lock.
+pub const LOCK_HELD: &str = "locked";
+/// The first word of the line a lock holder prints when it gave up.
+pub const LOCK_BUSY: &str = "busy";
+
+/// The `sh` script that takes the lock at `lock` and holds it exactly
+/// while its standard input stays open (the caller keeps the write end:
+/// a pipe locally, the SSH channel remotely), so a killed punix or a
+/// dropped connection releases it.
+///
+/// It prints [`LOCK_HELD`] once it holds the lock, or `busy HOLDER` (and
+/// exits 2) when `wait` ran out; `HOLDER` is `pid N on HOST since TIME` of
+/// the current holder when known.
+///
+/// - With `flock` (util-linux) on the target: the lock file is opened on
+///   fd 9 by the holder shell alone (the `cat` that watches stdin does not
+///   inherit it), so killing the holder releases the lock at once. The
+///   holder writes its description into the lock file.
+/// - Without it (busybox): `mkdir LOCK` is the lock; the holder writes its
+///   pid and description into it and removes it on exit (`trap` on EXIT,
+///   HUP, INT, TERM). A waiter polls (with the clock's one-second
+///   resolution, so it waits between `wait` and `wait` + 1 s) until `wait` runs out and takes over a
+///   lock only when its recorded pid is dead or a zombie (or, for a directory that has
+///   had no pid for 5 s, its maker died before writing one), under a
+///   second `mkdir` so two waiters cannot both take it over.
+pub fn lock_holder_script(lock: &Path, wait: Duration, method: LockMethod) -> String {
+    let flock_arg = if wait.is_zero() {
+        "-n".to_string()
+    } else {
+        format!("-w {:.3}", wait.as_secs_f64())
+    };
+    let wait_secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    let method = match method {
+        LockMethod::Auto => "auto",
+        LockMethod::Mkdir => "mkdir",
+    };
+    format!(
+        r#"lock={lock}
+method={method}
+info() {{ printf 'pid %s on %s since %s' "$$" "$(uname -n 2>/dev/null)" "$(date -u +%Y-%m-%dT%H:%M:%SZ)"; }}
+mkdir -p -- "$(dirname -- "$lock")" || exit 3
+if [ "$method" = auto ] && command -v flock >/dev/null 2>&1; then
+  exec 9>>"$lock" || exit 3
+  if ! flock {flock_arg} 9; then
+    printf '{busy} %s\n' "$(head -n 1 "$lock" 2>/dev/null)"
+    exit 2
+  fi
+  info > "$lock"
+else
+  end=$(( $(date +%s) + {wait_secs} ))
+  nopid=0
+  stuck=0
+  while ! mkdir -- "$lock" 2>/dev/null; do
+    [ -e "$lock" ] || [ -L "$lock" ] || {{ echo "cannot create the lock directory $lock" >&2; exit 3; }}
+    pid=$(cat "$lock/pid" 2>/dev/null)
+    stale=0
+    if [ -n "$pid" ]; then
+      nopid=0
+      if ! kill -0 "$pid" 2>/dev/null && [ ! -d "/proc/$pid" ]; then
+        stale=1
+      elif [ "$(sed -n 's/.*) \([A-Z]\).*/\1/p' "/proc/$pid/stat" 2>/dev/null)" = Z ]; then
+        stale=1
+      fi
+    else
+      nopid=$((nopid + 1))
+      [ "$nopid" -ge 25 ] && stale=1
+    fi
+    if [ "$stale" = 1 ]; then
+      if mkdir -- "$lock.takeover" 2>/dev/null; then
+        if [ "$(cat "$lock/pid" 2>/dev/null)" = "$pid" ]; then rm -rf -- "$lock"; fi
+        rmdir -- "$lock.takeover"
+        nopid=0
+        stuck=0
+        continue
+      fi
+      stuck=$((stuck + 1))
+      if [ "$stuck" -ge 25 ]; then rmdir -- "$lock.takeover" 2>/dev/null; stuck=0; fi
+    fi
+    if [ {wait_secs} = 0 ] || [ "$(date +%s)" -gt "$end" ]; then
+      printf '{busy} %s\n' "$(cat "$lock/info" 2>/dev/null)"
+      exit 2
+    fi
+    sleep 0.2 2>/dev/null || sleep 1
+  done
+  trap 'if [ "$(cat "$lock/pid" 2>/dev/null)" = "$$" ]; then rm -rf -- "$lock"; fi' EXIT
+  echo "$$" > "$lock/pid"
+  info > "$lock/info"
+fi
+exec 3<&0 </dev/null
+cat <&3 >/dev/null 3<&- 9>&- &
+c=$!
+exec 3<&-
+trap 'kill "$c" 2>/dev/null; exit 129' HUP
+trap 'kill "$c" 2>/dev/null; exit 130' INT
+trap 'kill "$c" 2>/dev/null; exit 143' TERM
+echo {held}
+wait "$c"
+exit 0
+"#,
+        lock = quote_path(lock),
+        busy = LOCK_BUSY,
+        held = LOCK_HELD,
+    )
+}
+
+/// What the first line of a lock holder's output means.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LockReply {
+    Held,
+    /// Someone else holds it; their description if known.
+    Busy(Option<String>),
+    /// Anything else: the holder failed (its stderr tells why).
+    Failed,
+}
+
+/// Read the first line a lock holder printed.
+pub fn parse_lock_reply(line: &str) -> LockReply {
+    let line = line.trim_end_matches(['\n', '\r']);
+    if line == LOCK_HELD {
+        return LockReply::Held;
+    }
+    match line.strip_prefix(LOCK_BUSY) {
+        Some(rest) if rest.is_empty() || rest.starts_with(' ') => {
+            let holder = rest.trim();
+            LockReply::Busy((!holder.is_empty()).then(|| holder.to_string()))
+        }
+        _ => LockReply::Failed,
+    }
+}
+
+/// Check a store entry name before it goes to rsync: one plain path
+/// component.
+pub fn check_entry_name(name: &str) -> Result<(), TransportError> {
+    if name.is_empty() || name == "." || name == ".." || name.contains('/') || name.contains('\0') {
+        return Err(TransportError::Other(format!(
+            "cannot push `{}`: a store entry name is one path component",
+            name.escape_debug()
+        )));
+    }
+    Ok(())
+}
+
+/// The `Total bytes sent:` figure of `rsync --stats` (digits only, so any
+/// thousands separator is fine).
+pub fn parse_rsync_bytes_sent(stats: &str) -> Option<u64> {
+    stats.lines().find_map(|l| {
+        let rest = l.trim().strip_prefix("Total bytes sent:")?;
+        let digits: String = rest.chars().filter(|c| c.is_ascii_digit()).collect();
+        digits.parse().ok()
+    })
+}
+
+/// The hint for a failed rsync run, from its exit status and stderr.
+pub fn rsync_hint(status: i32, stderr: &str) -> Option<String> {
+    let missing = stderr.contains("rsync: not found")
+        || stderr.contains("rsync: command not found")
+        || stderr.contains("rsync: No such file or directory")
+        || (status == 127);
+    if missing {
+        return Some(
+            "rsync is missing on the target: install it there (Debian/Ubuntu: `apt-get install rsync`, Alpine: `apk add rsync`, Fedora: `dnf install rsync`)"
+                .to_string(),
+        );
+    }
+    if stderr.contains("Permission denied") {
+        return Some(
+            "the target user cannot write there: pick a directory it owns (`--store-root`), or create it for that user first".to_string(),
+        );
+    }
+    if stderr.contains("No space left on device") {
+        return Some("the target's disk is full: free space there (`punix store gc`)".to_string());
+    }
+    None
+}
+
+/// Run one prepared `rsync` (its arguments already hold `--from0
+/// --files-from=- --stats`), feed it the NUL-separated `names` on stdin,
+/// and read its statistics. Shared by both transports.
+pub(crate) fn run_rsync(
+    target: &str,
+    mut cmd: Command,
+    names: &[String],
+) -> Result<PushStats, TransportError> {
+    for n in names {
+        check_entry_name(n)?;
+    }
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().map_err(|source| TransportError::Spawn {
+        program: "rsync".into(),
+        package: "rsync".into(),
+        source,
+    })?;
+    let mut list = Vec::new();
+    for n in names {
+        list.extend_from_slice(n.as_bytes());
+        list.push(0);
+    }
+    let stdin = child.stdin.take();
+    let writer = std::thread::spawn(move || {
+        if let Some(mut stdin) = stdin {
+            let _ = stdin.write_all(&list);
+        }
+    });
+    let mut stderr_pipe = child.stderr.take();
+    let err_reader = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        if let Some(e) = stderr_pipe.as_mut() {
+            let _ = e.read_to_end(&mut s);
+        }
+        s
+    });
+    let mut stdout = Vec::new();
+    if let Some(mut o) = child.stdout.take() {
+        let _ = o.read_to_end(&mut stdout);
+    }
+    let status = child
+        .wait()
+        .map_err(|e| TransportError::Other(format!("rsync: {e}")))?;
+    let _ = writer.join();
+    let stderr = String::from_utf8_lossy(&err_reader.join().unwrap_or_default()).into_owned();
+    let stdout = String::from_utf8_lossy(&stdout).into_owned();
+    if !status.success() {
+        let code = exit_code(status);
+        return Err(TransportError::Rsync {
+            target: target.to_string(),
+            status: code,
+            hint: rsync_hint(code, &stderr),
+            stderr,
+        });
+    }
+    Ok(PushStats {
+        bytes_sent: parse_rsync_bytes_sent(&stdout).unwrap_or(0),
+    })
+}
+
+/// A process's exit code, or 128 + the signal that ended it (as `sh`
+/// reports it).
+pub fn exit_code(status: std::process::ExitStatus) -> i32 {
+    use std::os::unix::process::ExitStatusExt;
+    status
+        .code()
+        .or_else(|| status.signal().map(|s| 128 + s))
+        .unwrap_or(-1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lock_replies() {
+        assert_eq!(parse_lock_reply("locked\n"), LockReply::Held);
+        assert_eq!(parse_lock_reply("busy \n"), LockReply::Busy(None));
+        assert_eq!(
+            parse_lock_reply("busy pid 4 on h1 since 2026-01-01T00:00:00Z\n"),
+            LockReply::Busy(Some("pid 4 on h1 since 2026-01-01T00:00:00Z".into()))
+        );
+        assert_eq!(parse_lock_reply(""), LockReply::Failed);
+        assert_eq!(parse_lock_reply("busybox"), LockReply::Failed);
+    }
+
+    #[test]
+    fn rsync_stats() {
+        let s = "Number of files: 3\nTotal bytes sent: 1,234,567\nTotal bytes received: 35\n";
+        assert_eq!(parse_rsync_bytes_sent(s), Some(1_234_567));
+        assert_eq!(
+            parse_rsync_bytes_sent("Total bytes sent: 98.765\n"),
+            Some(98_765)
+        );
+        assert_eq!(parse_rsync_bytes_sent("nothing"), None);
+    }
+
+    #[test]
+    fn rsync_missing_gets_a_hint() {
+        let h = rsync_hint(
+            12,
+            "sh: 1: rsync: not found\nrsync: connection unexpectedly closed",
+        );
+        assert!(h.unwrap_or_default().contains("install"));
+        assert!(rsync_hint(127, "").is_some());
+        assert!(rsync_hint(23, "some files vanished").is_none());
+    }
+
+    #[test]
+    fn entry_names() {
+        assert!(check_entry_name("0123-api-1.0").is_ok());
+        for bad in ["", ".", "..", "a/b", "/abs", "nul\0"] {
+            assert!(check_entry_name(bad).is_err(), "{bad:?}");
+        }
+    }
+}
