@@ -211,11 +211,12 @@ pub const LOCK_BUSY: &str = "busy";
 ///   holder writes its description into the lock file.
 /// - Without it (busybox): `mkdir LOCK` is the lock; the holder writes its
 ///   pid and description into it and removes it on exit (`trap` on EXIT,
-///   HUP, INT, TERM). A waiter polls (with the clock's one-second
-///   resolution, so it waits between `wait` and `wait` + 1 s) until `wait` runs out and takes over a
-///   lock only when its recorded pid is dead or a zombie (or, for a directory that has
-///   had no pid for 5 s, its maker died before writing one), under a
-///   second `mkdir` so two waiters cannot both take it over.
+///   HUP, INT, TERM). A waiter polls every 0.2 s until `wait` runs out
+///   (measured with `date +%s`, so it waits between `wait` and `wait` + 1 s)
+///   and takes over a lock only when its recorded pid is dead or a zombie
+///   (or, for a directory that has had no pid for 5 s, its maker died
+///   before writing one), under a second `mkdir` so two waiters cannot
+///   both take it over.
 pub fn lock_holder_script(lock: &Path, wait: Duration, method: LockMethod) -> String {
     let flock_arg = if wait.is_zero() {
         "-n".to_string()
