@@ -11,6 +11,7 @@ use punix::build::scheduler::Options;
 use punix::deploy::{self, DeployOptions, DeployReport, RollbackOptions};
 use punix::transport::Transport;
 use punix::transport::local::LocalTransport;
+use punix::transport::ssh::{SshOptions, SshTarget, SshTransport};
 
 #[derive(Debug, Subcommand)]
 pub enum ServiceCommand {
@@ -66,10 +67,14 @@ impl TargetArgs {
                     .into(),
             ));
         };
-        // SSH-TRANSPORT-PENDING
-        Err(Error::Usage(format!(
-            "`{url}`: the SSH transport is not built yet"
-        )))
+        let target = SshTarget::parse(url).map_err(Error::Usage)?;
+        let opts = SshOptions {
+            key: self.key.clone(),
+            known_hosts: self.known_hosts.clone(),
+            connect_timeout: Duration::from_secs(self.connect_timeout),
+            op_timeout: Duration::from_secs(self.timeout),
+        };
+        Ok(Box::new(SshTransport::connect(&target, &opts)?))
     }
 }
 
