@@ -108,20 +108,39 @@ impl Ctx {
 
     fn ssh(&self, user: &str, script: &str) -> Output {
         Command::new("ssh")
-            .args(["-F", self.tb.ssh_config.to_str().unwrap(), "-l", user, &self.host.name])
+            .args([
+                "-F",
+                self.tb.ssh_config.to_str().unwrap(),
+                "-l",
+                user,
+                &self.host.name,
+            ])
             .arg(script)
             .output()
             .unwrap()
     }
 
     fn current(&self, stack: &str) -> Option<String> {
-        fs::read_link(self.on_host(&self.remote().join("deployments").join(stack).join("current")))
-            .ok()
-            .map(|p| p.to_string_lossy().into_owned())
+        fs::read_link(
+            self.on_host(
+                &self
+                    .remote()
+                    .join("deployments")
+                    .join(stack)
+                    .join("current"),
+            ),
+        )
+        .ok()
+        .map(|p| p.to_string_lossy().into_owned())
     }
 
     fn accepted_logins(&self) -> usize {
-        let log = self.tb.dir.join("hosts").join(&self.host.name).join("sshd.log");
+        let log = self
+            .tb
+            .dir
+            .join("hosts")
+            .join(&self.host.name)
+            .join("sshd.log");
         fs::read_to_string(log)
             .unwrap_or_default()
             .matches("Accepted publickey")
@@ -140,7 +159,10 @@ impl Drop for Ctx {
         let _ = self.ssh(&self.user, &dirs);
         let _ = Command::new("sh")
             .arg("-c")
-            .arg(format!("chmod -R u+w /tmp/punix-ssh-{id} 2>/dev/null; rm -rf /tmp/punix-ssh-{id}", id = self.id))
+            .arg(format!(
+                "chmod -R u+w /tmp/punix-ssh-{id} 2>/dev/null; rm -rf /tmp/punix-ssh-{id}",
+                id = self.id
+            ))
             .status();
     }
 }
@@ -217,8 +239,15 @@ fn seed_conformance_over_ssh() {
     simple_stack(&c, "one\\n");
     let logins = c.accepted_logins();
     let out = ok(&c.service("deploy", "Web", &[]));
-    assert!(out.contains("gen-001") && out.contains("2 pushed / 0 cached"), "{out}");
-    assert_eq!(c.accepted_logins() - logins, 1, "one SSH connection per deploy");
+    assert!(
+        out.contains("gen-001") && out.contains("2 pushed / 0 cached"),
+        "{out}"
+    );
+    assert_eq!(
+        c.accepted_logins() - logins,
+        1,
+        "one SSH connection per deploy"
+    );
     assert_eq!(c.current("Web").as_deref(), Some("gen-001.json"));
     let conf = c.on_host(&c.remote().join("etc/app.conf"));
     assert_eq!(fs::read_to_string(&conf).unwrap(), "one\n");
@@ -244,7 +273,10 @@ fn seed_conformance_over_ssh() {
 
     // Status over SSH.
     let out = ok(&c.service("status", "Web", &[]));
-    assert!(out.contains("* gen-001") && out.contains("no drift"), "{out}");
+    assert!(
+        out.contains("* gen-001") && out.contains("no drift"),
+        "{out}"
+    );
 
     // GC on the target keeps pinned paths; a path removed on the target
     // makes a rollback to its generation fail clearly.
@@ -275,7 +307,10 @@ fn seed_conformance_over_ssh() {
     let r = c.ssh(&c.user, &format!("chmod -R u+w {lib} && rm -rf {lib}"));
     assert!(r.status.success());
     let err = fails(&c.service("rollback", "Web", &["--to", "1"]), 1);
-    assert!(err.contains("gone from the target") && err.contains("-lib-1"), "{err}");
+    assert!(
+        err.contains("gone from the target") && err.contains("-lib-1"),
+        "{err}"
+    );
     assert_eq!(c.current("Web").as_deref(), Some("gen-003.json"));
 }
 
@@ -289,10 +324,24 @@ fn an_unknown_host_key_fails_and_writes_nothing() {
     fs::write(&empty, "").unwrap();
     let out = c
         .cmd()
-        .args(["service", "deploy", "Web", "--file", c.pkgs().to_str().unwrap()])
-        .args(["--target", &c.host.url(&c.user), "--key", c.tb.key.to_str().unwrap()])
+        .args([
+            "service",
+            "deploy",
+            "Web",
+            "--file",
+            c.pkgs().to_str().unwrap(),
+        ])
+        .args([
+            "--target",
+            &c.host.url(&c.user),
+            "--key",
+            c.tb.key.to_str().unwrap(),
+        ])
         .args(["--known-hosts", empty.to_str().unwrap()])
-        .args(["--deployments-root", c.remote().join("deployments").to_str().unwrap()])
+        .args([
+            "--deployments-root",
+            c.remote().join("deployments").to_str().unwrap(),
+        ])
         .output()
         .unwrap();
     let err = fails(&out, 3);
@@ -319,10 +368,18 @@ fn an_unwritable_store_root_is_reported_before_pushing() {
     args.extend(c.target_args());
     args.push("--deployments-root".into());
     args.push(c.remote().join("deployments").display().to_string());
-    let out = c.cmd().env("PUNIX_STORE_DIR", &store).args(&args).output().unwrap();
+    let out = c
+        .cmd()
+        .env("PUNIX_STORE_DIR", &store)
+        .args(&args)
+        .output()
+        .unwrap();
     let _ = fs::remove_dir_all(store.parent().unwrap());
     let err = fails(&out, 1);
-    assert!(err.contains("cannot write") && err.contains(store.to_str().unwrap()), "{err}");
+    assert!(
+        err.contains("cannot write") && err.contains(store.to_str().unwrap()),
+        "{err}"
+    );
     assert!(err.contains("--store-root"), "{err}");
 }
 
@@ -347,7 +404,7 @@ fn a_network_cut_mid_deploy_fails_within_the_timeout_and_a_retry_completes() {
     args.extend(c.target_args());
     args.push("--deployments-root".into());
     args.push(c.remote().join("deployments").display().to_string());
-    let mut child = c
+    let child = c
         .cmd()
         .args(&args)
         .env("PUNIX_TEST_PAUSE", "push")
@@ -360,14 +417,24 @@ fn a_network_cut_mid_deploy_fails_within_the_timeout_and_a_retry_completes() {
     let deadline = Instant::now() + Duration::from_secs(60);
     let stack_dir = c.on_host(&c.remote().join("deployments/Web"));
     while !stack_dir.exists() {
-        assert!(Instant::now() < deadline, "the deploy never reached the host");
+        assert!(
+            Instant::now() < deadline,
+            "the deploy never reached the host"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     std::thread::sleep(Duration::from_millis(300));
     // Cut the host's link (keeping its address, so it can come back).
     let netns = netns_of(&c);
     let keep = Command::new("ip")
-        .args(["netns", "exec", &netns, "sysctl", "-qw", "net.ipv6.conf.eth0.keep_addr_on_down=1"])
+        .args([
+            "netns",
+            "exec",
+            &netns,
+            "sysctl",
+            "-qw",
+            "net.ipv6.conf.eth0.keep_addr_on_down=1",
+        ])
         .status()
         .unwrap();
     assert!(keep.success());
@@ -387,7 +454,10 @@ fn a_network_cut_mid_deploy_fails_within_the_timeout_and_a_retry_completes() {
     assert!(up.success());
     let err = fails(&out, 3);
     assert!(took < Duration::from_secs(40), "the failure took {took:?}");
-    assert!(err.contains(&c.host.addr) || err.contains(&c.host.bracketed()), "{err}");
+    assert!(
+        err.contains(&c.host.addr) || err.contains(&c.host.bracketed()),
+        "{err}"
+    );
     assert!(c.current("Web").is_none(), "nothing was committed");
     // The link is back: a retry completes.
     std::thread::sleep(Duration::from_millis(500));
@@ -395,22 +465,18 @@ fn a_network_cut_mid_deploy_fails_within_the_timeout_and_a_retry_completes() {
     assert!(out.contains("gen-001"), "{out}");
 }
 
-/// The network namespace of a testbed host: `tbXXXX-NAME`.
+/// The network namespace of a testbed host: `tb<group>-NAME`, where
+/// `<group>` is the third group of the testbed's IPv6 prefix.
 fn netns_of(c: &Ctx) -> String {
+    let group = c.host.addr.split(':').nth(2).unwrap_or_default().to_string();
+    let name = format!("tb{group}-{}", c.host.name);
     let out = Command::new("ip").args(["netns", "list"]).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    let tag = c
-        .tb
-        .dir
-        .file_name()
-        .unwrap()
-        .to_string_lossy()
-        .trim_start_matches("testbed.")
-        .to_string();
-    text.lines()
-        .map(|l| l.split_whitespace().next().unwrap_or_default().to_string())
-        .find(|n| n.ends_with(&format!("-{}", c.host.name)) && (n.contains(&tag) || true))
-        .unwrap_or_else(|| panic!("no netns for {} in:\n{text}", c.host.name))
+    assert!(
+        text.lines().any(|l| l.split_whitespace().next() == Some(name.as_str())),
+        "no netns `{name}` in:\n{text}"
+    );
+    name
 }
 
 #[test]
@@ -448,7 +514,12 @@ fn concurrent_deploys_over_ssh_are_serialised() {
         args.extend(c.target_args());
         args.push("--deployments-root".into());
         args.push(c.remote().join("deployments").display().to_string());
-        c.cmd().args(&args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()
+        c.cmd()
+            .args(&args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
     };
     let (a, b) = (spawn(&c.pkgs()), spawn(&other));
     let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
@@ -463,7 +534,10 @@ fn concurrent_deploys_over_ssh_are_serialised() {
     gens.sort();
     assert_eq!(gens, vec!["gen-001.json", "gen-002.json"]);
     let out = ok(&c.service("status", "Web", &[]));
-    assert!(out.contains("* gen-002") && out.contains("no drift"), "{out}");
+    assert!(
+        out.contains("* gen-002") && out.contains("no drift"),
+        "{out}"
+    );
 }
 
 #[test]
@@ -473,10 +547,15 @@ fn a_closure_for_another_system_is_never_pushed() {
     };
     simple_stack(&c, "x\\n");
     let err = fails(&c.service("deploy", "Web", &[]), 1);
-    assert!(err.contains("`aarch64-linux`") && err.contains("x86_64-linux"), "{err}");
+    assert!(
+        err.contains("`aarch64-linux`") && err.contains("x86_64-linux"),
+        "{err}"
+    );
     assert!(!c.on_host(&c.store()).join("x").exists());
     let store_on_host = c.on_host(&c.store());
-    let entries = fs::read_dir(&store_on_host).map(|rd| rd.count()).unwrap_or(0);
+    let entries = fs::read_dir(&store_on_host)
+        .map(|rd| rd.count())
+        .unwrap_or(0);
     assert_eq!(entries, 0, "nothing was pushed to the aarch64 host");
 }
 
@@ -548,7 +627,9 @@ fn activation_with_real_systemd_and_automatic_rollback() {
     let main_pid_cmdline = || {
         let o = c.ssh(
             "root",
-            &format!("cat /proc/$(systemctl show -p MainPID --value {unit})/cmdline | tr '\\0' ' '"),
+            &format!(
+                "cat /proc/$(systemctl show -p MainPID --value {unit})/cmdline | tr '\\0' ' '"
+            ),
         );
         String::from_utf8_lossy(&o.stdout).into_owned()
     };
@@ -557,7 +638,8 @@ fn activation_with_real_systemd_and_automatic_rollback() {
     let out = ok(&deploy(&[]));
     assert!(out.contains("restarted punix-test-"), "{out}");
     assert_eq!(is_active(), "active");
-    let unit_text = fs::read_to_string(c.on_host(&PathBuf::from("/etc/systemd/system").join(&unit))).unwrap();
+    let unit_text =
+        fs::read_to_string(c.on_host(&PathBuf::from("/etc/systemd/system").join(&unit))).unwrap();
     assert!(unit_text.contains("EnvironmentFile="), "{unit_text}");
 
     // The same again restarts nothing.
@@ -580,7 +662,8 @@ fn activation_with_real_systemd_and_automatic_rollback() {
     assert!(err.contains("rolled back to gen-002"), "{err}");
     assert_eq!(c.current("Svc").as_deref(), Some("gen-002.json"));
     assert_eq!(is_active(), "active");
-    let unit_text = fs::read_to_string(c.on_host(&PathBuf::from("/etc/systemd/system").join(&unit))).unwrap();
+    let unit_text =
+        fs::read_to_string(c.on_host(&PathBuf::from("/etc/systemd/system").join(&unit))).unwrap();
     assert!(unit_text.contains("-daemon-2/bin/daemon"), "{unit_text}");
 
     // Clean up the unit on the host.

@@ -99,7 +99,9 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let t = tempfile::tempdir().expect("tempdir");
         let f = t.path().join("it's a file");
-        let bytes: Vec<u8> = (0..=255u8).chain(b"\nPUNIX_B64_EOF\n".iter().copied()).collect();
+        let bytes: Vec<u8> = (0..=255u8)
+            .chain(b"\nPUNIX_B64_EOF\n".iter().copied())
+            .collect();
         sh(&write_staged(&f, &bytes, 0o600));
         assert_eq!(std::fs::read(&f).expect("read"), bytes);
         let mode = std::fs::metadata(&f).expect("stat").permissions().mode() & 0o777;
