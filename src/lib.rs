@@ -13,6 +13,7 @@ pub mod build;
 pub mod config;
 pub mod deploy;
 pub mod error;
+pub mod farm;
 pub mod files;
 pub mod platform;
 pub mod recipe;
