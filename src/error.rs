@@ -34,6 +34,12 @@ pub enum Error {
     System(#[from] SystemError),
     #[error("{0}")]
     Usage(String),
+    #[error("{failed} of {total} target(s) failed (see the table above)")]
+    Fleet {
+        failed: usize,
+        total: usize,
+        code: i32,
+    },
     #[error("{count} of {total} store entries failed verification", count = .failed.len())]
     VerifyFailed { failed: Vec<String>, total: usize },
 }
@@ -85,7 +91,8 @@ fn build_exit_code(e: &BuildError) -> i32 {
     }
 }
 
-fn deploy_exit_code(e: &DeployError) -> i32 {
+/// The exit code of one deploy error.
+pub fn deploy_exit_code(e: &DeployError) -> i32 {
     match e {
         DeployError::Build(b) => build_exit_code(b),
         DeployError::Transport(_)

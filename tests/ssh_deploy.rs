@@ -468,12 +468,19 @@ fn a_network_cut_mid_deploy_fails_within_the_timeout_and_a_retry_completes() {
 /// The network namespace of a testbed host: `tb<group>-NAME`, where
 /// `<group>` is the third group of the testbed's IPv6 prefix.
 fn netns_of(c: &Ctx) -> String {
-    let group = c.host.addr.split(':').nth(2).unwrap_or_default().to_string();
+    let group = c
+        .host
+        .addr
+        .split(':')
+        .nth(2)
+        .unwrap_or_default()
+        .to_string();
     let name = format!("tb{group}-{}", c.host.name);
     let out = Command::new("ip").args(["netns", "list"]).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
-        text.lines().any(|l| l.split_whitespace().next() == Some(name.as_str())),
+        text.lines()
+            .any(|l| l.split_whitespace().next() == Some(name.as_str())),
         "no netns `{name}` in:\n{text}"
     );
     name
@@ -671,4 +678,93 @@ fn activation_with_real_systemd_and_automatic_rollback() {
         "root",
         &format!("systemctl disable --now {unit}; rm -f /etc/systemd/system/{unit}; systemctl daemon-reload"),
     );
+}
+
+#[test]
+fn a_fleet_deploy_with_one_host_down_reports_each_host() {
+    let Some(c) = Ctx::new("a_fleet_deploy_with_one_down", "h1", "tbdeploy") else {
+        return;
+    };
+    let sd1 = c.tb.host("sd1").cloned().expect("the testbed has sd1");
+    simple_stack(&c, "fleet\\n");
+    // A third target whose sshd is not running: nothing listens on port 1.
+    let down = format!("ssh://{}@{}:1", c.user, c.host.bracketed());
+    let targets = c.local.path().join("targets.txt");
+    fs::write(
+        &targets,
+        format!(
+            "# the fleet\n{} @web\n{} @web @db\n{down} @web\n",
+            c.host.url(&c.user),
+            sd1.url(&c.user)
+        ),
+    )
+    .unwrap();
+    let mut args: Vec<String> = vec![
+        "service".into(),
+        "deploy".into(),
+        "Web".into(),
+        "--file".into(),
+        c.pkgs().display().to_string(),
+        "--unit-dir".into(),
+        c.remote().join("units").display().to_string(),
+        "--targets".into(),
+        targets.display().to_string(),
+        "--on".into(),
+        "@web".into(),
+        "--key".into(),
+        c.tb.key.display().to_string(),
+        "--known-hosts".into(),
+        c.tb.known_hosts.display().to_string(),
+        "--connect-timeout".into(),
+        "3".into(),
+        "--deployments-root".into(),
+        c.remote().join("deployments").display().to_string(),
+    ];
+    let out = c.cmd().args(&args).output().unwrap();
+    let err = fails(&out, 3);
+    let table = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(err.contains("1 of 3 target(s) failed"), "{err}");
+    assert!(table.contains("2 of 3 target(s) deployed"), "{table}");
+    let row = |url: &str| {
+        table
+            .lines()
+            .find(|l| l.starts_with(url))
+            .unwrap_or_else(|| panic!("no row for {url} in:\n{table}"))
+            .to_string()
+    };
+    assert!(
+        row(&c.host.url(&c.user)).contains("x86_64-linux"),
+        "{table}"
+    );
+    assert!(row(&c.host.url(&c.user)).contains("gen-001"), "{table}");
+    assert!(row(&sd1.url(&c.user)).contains("gen-001"), "{table}");
+    assert!(row(&down).contains("error:"), "{table}");
+    assert_eq!(c.current("Web").as_deref(), Some("gen-001.json"));
+    let on_sd1 = sd1.local_path(&c.remote().join("deployments/Web/current"));
+    assert_eq!(
+        fs::read_link(on_sd1).unwrap().to_string_lossy(),
+        "gen-001.json"
+    );
+    // JSON tells the same; `--on @db` picks one host.
+    args.push("--json".into());
+    let out = c.cmd().args(&args).output().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["ok"], false);
+    assert_eq!(v["targets"].as_array().unwrap().len(), 3);
+    let pos = args.iter().position(|a| a == "@web").unwrap();
+    args[pos] = "@db".into();
+    let out = c.cmd().args(&args).output().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["unchanged"], true, "{v}");
+    let _ = c.ssh(&c.user, "true");
+    let _ = Command::new("ssh")
+        .args([
+            "-F",
+            c.tb.ssh_config.to_str().unwrap(),
+            "-l",
+            &c.user,
+            "sd1",
+        ])
+        .arg(format!("rm -rf {}", c.remote().display()))
+        .status();
 }

@@ -27,9 +27,10 @@ pub enum ServiceCommand {
 /// Where a command acts: a host over SSH, or a local directory.
 #[derive(Debug, Args, Clone)]
 pub struct TargetArgs {
-    /// The target host: `ssh://USER@HOST[:PORT]` (IPv6 in brackets).
-    #[arg(long, value_name = "URL", conflicts_with = "transport_root")]
-    pub target: Option<String>,
+    /// The target host: `ssh://USER@HOST[:PORT]` (IPv6 in brackets);
+    /// `service deploy` takes it more than once.
+    #[arg(long, value_name = "URL", conflicts_with = "transport_root", action = clap::ArgAction::Append)]
+    pub target: Vec<String>,
     /// Act on a directory of this machine as if it were the target's `/`
     /// (no SSH; for demos and tests).
     #[arg(long, value_name = "DIR")]
@@ -51,7 +52,22 @@ pub struct TargetArgs {
 impl TargetArgs {
     /// Was a target given at all?
     pub fn given(&self) -> bool {
-        self.target.is_some() || self.transport_root.is_some()
+        !self.target.is_empty() || self.transport_root.is_some()
+    }
+
+    /// Open the transport to one target URL (or the transport root).
+    pub fn open_url(&self, url: &str) -> Result<Box<dyn Transport>, Error> {
+        if self.transport_root.is_some() {
+            return self.open();
+        }
+        let target = SshTarget::parse(url).map_err(Error::Usage)?;
+        let opts = SshOptions {
+            key: self.key.clone(),
+            known_hosts: self.known_hosts.clone(),
+            connect_timeout: Duration::from_secs(self.connect_timeout),
+            op_timeout: Duration::from_secs(self.timeout),
+        };
+        Ok(Box::new(SshTransport::connect(&target, &opts)?))
     }
 
     pub fn open(&self) -> Result<Box<dyn Transport>, Error> {
@@ -61,11 +77,19 @@ impl TargetArgs {
                 .map_err(punix::files::ctx("cannot create the transport root", &root))?;
             return Ok(Box::new(LocalTransport::new(root)));
         }
-        let Some(url) = self.target.as_deref() else {
-            return Err(Error::Usage(
-                "no target: pass `--target ssh://USER@HOST[:PORT]` or `--transport-root DIR`"
-                    .into(),
-            ));
+        let url = match self.target.as_slice() {
+            [] => {
+                return Err(Error::Usage(
+                    "no target: pass `--target ssh://USER@HOST[:PORT]` or `--transport-root DIR`"
+                        .into(),
+                ));
+            }
+            [one] => one.as_str(),
+            _ => {
+                return Err(Error::Usage(
+                    "this command takes one `--target`; only `service deploy` takes several".into(),
+                ));
+            }
         };
         let target = SshTarget::parse(url).map_err(Error::Usage)?;
         let opts = SshOptions {
@@ -115,6 +139,19 @@ pub struct DeployArgs {
     /// Print one JSON object with the result on stdout.
     #[arg(long)]
     pub json: bool,
+    /// A file listing targets, one `ssh://USER@HOST[:PORT] [@tag...]` per
+    /// line.
+    #[arg(long, value_name = "FILE", conflicts_with = "transport_root")]
+    pub targets: Option<PathBuf>,
+    /// Only the targets of `--targets` with this tag (`@web`).
+    #[arg(long, value_name = "@TAG", requires = "targets")]
+    pub on: Option<String>,
+    /// Targets deployed at once.
+    #[arg(long, value_name = "N", default_value_t = 10)]
+    pub parallel: usize,
+    /// Stop at the first failed target (the others are skipped).
+    #[arg(long)]
+    pub fail_fast: bool,
 }
 
 #[derive(Debug, Args)]
@@ -184,13 +221,69 @@ pub fn run(cx: &Context, cmd: ServiceCommand) -> Result<(), Error> {
                         .collect(),
                 }
             })?;
-            let t = a.target.open()?;
+            let mut urls: Vec<String> = a.target.target.clone();
+            if let Some(file) = &a.targets {
+                urls.extend(
+                    punix::deploy::targets::load(file, a.on.as_deref())
+                        .map_err(|e| Error::from(punix::deploy::DeployError::from(e)))?,
+                );
+            }
+            if a.target.transport_root.is_some() {
+                urls = vec![format!(
+                    "local:{}",
+                    a.target
+                        .transport_root
+                        .as_deref()
+                        .unwrap_or(std::path::Path::new(""))
+                        .display()
+                )];
+            }
+            if urls.is_empty() {
+                return Err(Error::Usage(
+                    "no target: pass `--target ssh://USER@HOST[:PORT]` (once or more), `--targets FILE` or `--transport-root DIR`".into(),
+                ));
+            }
             let renderer = Renderer::new(a.json, cx.verbose);
-            let result = deploy::deploy(t.as_ref(), &opts, &renderer);
+            let fleet = FleetLines::new(urls.len() > 1 && !a.json);
+            let connect = |url: &str| -> Result<Box<dyn Transport>, punix::deploy::DeployError> {
+                a.target.open_url(url).map_err(|e| match e {
+                    Error::Transport(t) => punix::deploy::DeployError::Transport(t),
+                    other => punix::deploy::DeployError::Target {
+                        target: url.to_string(),
+                        message: other.to_string(),
+                    },
+                })
+            };
+            let result = deploy::deploy_fleet(
+                &urls,
+                &connect,
+                &opts,
+                a.parallel,
+                a.fail_fast,
+                &renderer,
+                &fleet,
+            );
             renderer.finish();
-            let report = result?;
-            print_report(&report, a.json, "deploy");
-            Ok(())
+            let results = result?;
+            if let [one] = results.as_slice() {
+                return match &one.result {
+                    Ok(report) => {
+                        print_report(report, a.json, "deploy");
+                        Ok(())
+                    }
+                    Err(_) => {
+                        let Some(r) = results.into_iter().next() else {
+                            return Ok(());
+                        };
+                        Err(r
+                            .result
+                            .err()
+                            .map(Error::from)
+                            .unwrap_or(Error::Usage(String::new())))
+                    }
+                };
+            }
+            print_fleet(&results, a.json)
         }
         ServiceCommand::Rollback(a) => {
             let t = a.target.open()?;
@@ -345,4 +438,116 @@ fn print_report(r: &DeployReport, json: bool, verb: &str) {
         },
         r.seconds
     );
+}
+
+/// Per-target progress lines of a fleet deploy (plain lines; one target
+/// shows none, its summary says it all).
+struct FleetLines {
+    on: bool,
+}
+
+impl FleetLines {
+    fn new(on: bool) -> FleetLines {
+        FleetLines { on }
+    }
+}
+
+impl deploy::FleetObserver for FleetLines {
+    fn target_event(&self, target: &str, event: deploy::TargetEvent<'_>) {
+        if !self.on {
+            return;
+        }
+        match event {
+            deploy::TargetEvent::Connected { system } => {
+                eprintln!("{target}: connected ({system})")
+            }
+            deploy::TargetEvent::Deploying => eprintln!("{target}: deploying"),
+            deploy::TargetEvent::Done(r) => eprintln!(
+                "{target}: done, gen-{:03} ({} pushed / {} cached)",
+                r.generation.unwrap_or(0),
+                r.pushed,
+                r.cached
+            ),
+            deploy::TargetEvent::Failed(e) => {
+                eprintln!(
+                    "{target}: failed: {}",
+                    e.to_string().lines().next().unwrap_or_default()
+                )
+            }
+        }
+    }
+}
+
+/// The per-host table of a fleet deploy; an error when any target failed.
+fn print_fleet(results: &[deploy::TargetResult], json: bool) -> Result<(), Error> {
+    let failed: Vec<&deploy::TargetResult> = results.iter().filter(|r| r.result.is_err()).collect();
+    if json {
+        let rows: Vec<serde_json::Value> = results
+            .iter()
+            .map(|r| match &r.result {
+                Ok(rep) => serde_json::json!({"target": r.target, "system": r.system, "ok": true, "report": rep}),
+                Err(e) => serde_json::json!({"target": r.target, "system": r.system, "ok": false, "error": e.to_string()}),
+            })
+            .collect();
+        print_json(&serde_json::json!({"ok": failed.is_empty(), "targets": rows}));
+    } else {
+        let w = results
+            .iter()
+            .map(|r| r.target.len())
+            .max()
+            .unwrap_or(6)
+            .max(6);
+        println!(
+            "{:<w$}  {:<15}  {:<9}  {:>13}  {:<9}  RESULT",
+            "TARGET", "SYSTEM", "GEN", "PUSHED/CACHED", "ACTIVATED"
+        );
+        for r in results {
+            let system = r.system.clone().unwrap_or_else(|| "-".into());
+            match &r.result {
+                Ok(rep) => println!(
+                    "{:<w$}  {:<15}  {:<9}  {:>13}  {:<9}  {}",
+                    r.target,
+                    system,
+                    rep.generation
+                        .map(|g| format!("gen-{g:03}"))
+                        .unwrap_or_else(|| "-".into()),
+                    format!("{}/{}", rep.pushed, rep.cached),
+                    if rep.activated { "yes" } else { "no" },
+                    if rep.unchanged {
+                        "ok (unchanged)"
+                    } else {
+                        "ok"
+                    }
+                ),
+                Err(e) => println!(
+                    "{:<w$}  {:<15}  {:<9}  {:>13}  {:<9}  error: {}",
+                    r.target,
+                    system,
+                    "-",
+                    "-",
+                    "-",
+                    e.to_string().lines().next().unwrap_or_default()
+                ),
+            }
+        }
+        println!(
+            "{} of {} target(s) deployed",
+            results.len() - failed.len(),
+            results.len()
+        );
+    }
+    if failed.is_empty() {
+        return Ok(());
+    }
+    let code = failed
+        .iter()
+        .filter_map(|r| r.result.as_ref().err())
+        .map(punix::error::deploy_exit_code)
+        .max()
+        .unwrap_or(punix::error::EXIT_FAILURE);
+    Err(Error::Fleet {
+        failed: failed.len(),
+        total: results.len(),
+        code,
+    })
 }

@@ -29,10 +29,12 @@ pub mod render;
 pub mod secrets;
 
 mod pipeline;
+pub mod targets;
 
 pub use pipeline::{
-    DeployOptions, DeployReport, GcTargetReport, RollbackOptions, StatusReport, deploy, gc_target,
-    rollback, status,
+    Closure, Connector, DeployOptions, DeployReport, FleetObserver, GcTargetReport, Prepared,
+    Probed, RollbackOptions, StatusReport, TargetEvent, TargetResult, deploy, deploy_fleet,
+    gc_target, prepare, probe_target, rollback, status,
 };
 
 use std::path::PathBuf;
@@ -115,6 +117,8 @@ pub enum DeployError {
     Render { stack: String, message: String },
     #[error("{0}")]
     Io(#[from] crate::files::FileError),
+    #[error(transparent)]
+    Targets(#[from] targets::TargetsError),
     #[error("damaged generation file `{path}` on `{target}`: {message}")]
     BadGeneration {
         target: String,

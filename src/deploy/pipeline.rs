@@ -273,7 +273,8 @@ fn source_hash(path: &Path) -> String {
 
 /// A realised closure: sorted entry names, the store path of each module,
 /// and how many entries were built for it.
-struct Closure {
+#[derive(Clone)]
+pub struct Closure {
     names: Vec<String>,
     by_module: BTreeMap<String, PathBuf>,
     built: usize,
@@ -283,7 +284,7 @@ struct Closure {
 /// sorted entry names of its runtime closure and the store path of each
 /// module.
 fn realise_closure(
-    t: &dyn Transport,
+    target: &str,
     recipes: &Recipes,
     stack: &Stack,
     store: &Store,
@@ -298,7 +299,7 @@ fn realise_closure(
     if !need.is_empty() {
         if *system != host {
             return Err(DeployError::WrongSystem {
-                target: t.name(),
+                target: target.to_string(),
                 stack: stack.name.clone(),
                 target_system: system.to_string(),
                 host: host.to_string(),
@@ -344,6 +345,51 @@ fn realise_closure(
     })
 }
 
+/// What every target of one deploy shares: the checked recipes, the
+/// stack, its resolved secrets, the local store.
+pub struct Prepared {
+    pub recipes: Recipes,
+    pub stack: Stack,
+    secrets: Secrets,
+    pub store: Store,
+}
+
+/// Load the recipes, pick the stack, resolve its secrets: everything that
+/// happens before any connection.
+pub fn prepare(opts: &DeployOptions) -> Result<Prepared, DeployError> {
+    let recipes = recipe::load(&opts.recipes_path)?;
+    let stack = recipes.stack(&opts.stack)?.clone();
+    let secrets = secrets::resolve(&stack).map_err(|m| secrets_error(&stack.name, m))?;
+    let store = Store::new(&opts.store_root)?;
+    Ok(Prepared {
+        recipes,
+        stack,
+        secrets,
+        store,
+    })
+}
+
+/// A connected, probed target.
+pub struct Probed {
+    pub transport: Box<dyn Transport>,
+    pub probe: Probe,
+    pub system: System,
+}
+
+/// Probe a connected target (one round trip) and check it can receive a
+/// push.
+pub fn probe_target(t: Box<dyn Transport>, timeout: Duration) -> Result<Probed, DeployError> {
+    let (probe, system) = probe(t.as_ref(), timeout)?;
+    if !probe.has("rsync") {
+        return Err(DeployError::NoRsync { target: t.name() });
+    }
+    Ok(Probed {
+        transport: t,
+        probe,
+        system,
+    })
+}
+
 /// Deploy `opts.stack` to the target behind `t`.
 pub fn deploy(
     t: &dyn Transport,
@@ -351,33 +397,51 @@ pub fn deploy(
     observer: &dyn Observer,
 ) -> Result<DeployReport, DeployError> {
     let start = Instant::now();
-    let recipes = recipe::load(&opts.recipes_path)?;
-    let stack = recipes.stack(&opts.stack)?.clone();
-    let secrets = secrets::resolve(&stack).map_err(|m| secrets_error(&stack.name, m))?;
-    let store = Store::new(&opts.store_root)?;
-
+    let prepared = prepare(opts)?;
     let (probe, system) = probe(t, opts.timeout)?;
     if !probe.has("rsync") {
         return Err(DeployError::NoRsync { target: t.name() });
     }
-    let Closure {
-        names: closure,
-        by_module,
-        built,
-    } = realise_closure(t, &recipes, &stack, &store, &system, opts, observer)?;
+    let closure = realise_closure(
+        &t.name(),
+        &prepared.recipes,
+        &prepared.stack,
+        &prepared.store,
+        &system,
+        opts,
+        observer,
+    )?;
+    deploy_realised(t, &prepared, &probe, &system, &closure, opts, start)
+}
+
+/// The per-target part of a deploy, after the closure is in the local
+/// store: checks, lock, state, push, commit, activation.
+fn deploy_realised(
+    t: &dyn Transport,
+    prepared: &Prepared,
+    probe: &Probe,
+    system: &System,
+    realised: &Closure,
+    opts: &DeployOptions,
+    start: Instant,
+) -> Result<DeployReport, DeployError> {
+    let (stack, secrets, store) = (&prepared.stack, &prepared.secrets, &prepared.store);
+    let closure = &realised.names;
+    let by_module = &realised.by_module;
+    let built = realised.built;
     if !opts.dry_run {
-        check_binaries(t, &store, &closure, &system)?;
+        check_binaries(t, store, closure, system)?;
     }
     let dep_root = deployments_root(opts.deployments_root.as_deref(), &probe);
     let stack_dir = dep_root.join(&stack.name);
     let lay = layout(t, &opts.store_root, &dep_root, &stack.name);
 
-    let desired = render::desired_files(&stack, &by_module, &secrets, &opts.unit_dir, &dep_root)
+    let desired = render::desired_files(stack, by_module, secrets, &opts.unit_dir, &dep_root)
         .map_err(|message| DeployError::Render {
             stack: stack.name.clone(),
             message,
         })?;
-    check_no_collisions(t, &stack, &desired, &opts.store_root, &dep_root)?;
+    check_no_collisions(t, stack, &desired, &opts.store_root, &dep_root)?;
 
     let mut report = DeployReport {
         target: t.name(),
@@ -1345,4 +1409,197 @@ mod tests {
         let existing: Vec<u64> = (1..=11).collect();
         assert_eq!(trim_list(&existing, 2), vec![1]);
     }
+}
+
+/// What one target of a fleet deploy is doing.
+#[derive(Debug)]
+pub enum TargetEvent<'a> {
+    Connected { system: &'a str },
+    Deploying,
+    Done(&'a DeployReport),
+    Failed(&'a DeployError),
+}
+
+/// Receives per-target progress of a fleet deploy; called from worker
+/// threads.
+pub trait FleetObserver: Sync {
+    fn target_event(&self, target: &str, event: TargetEvent<'_>);
+}
+
+/// The outcome for one target of a fleet deploy.
+#[derive(Debug)]
+pub struct TargetResult {
+    pub target: String,
+    pub system: Option<String>,
+    pub result: Result<DeployReport, DeployError>,
+}
+
+/// Opens the transport to one target (`ssh://...` or a local root).
+pub type Connector<'a> = dyn Fn(&str) -> Result<Box<dyn Transport>, DeployError> + Sync + 'a;
+
+/// Run `work` over `items` on at most `parallel` threads, keeping order.
+fn bounded<T: Sync, R: Send>(
+    items: &[T],
+    parallel: usize,
+    work: impl Fn(&T) -> R + Sync,
+) -> Vec<R> {
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let next = AtomicUsize::new(0);
+    let results: Mutex<Vec<Option<R>>> = Mutex::new((0..items.len()).map(|_| None).collect());
+    std::thread::scope(|scope| {
+        for _ in 0..parallel.max(1).min(items.len()) {
+            scope.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(item) = items.get(i) else { break };
+                    let r = work(item);
+                    if let Ok(mut all) = results.lock() {
+                        all[i] = Some(r);
+                    }
+                }
+            });
+        }
+    });
+    results
+        .into_inner()
+        .unwrap_or_default()
+        .into_iter()
+        .flatten()
+        .collect()
+}
+
+/// The same error, told for another target of the same system.
+fn for_target(e: &DeployError, target: &str) -> DeployError {
+    match e {
+        DeployError::WrongSystem {
+            stack,
+            target_system,
+            host,
+            ..
+        } => DeployError::WrongSystem {
+            target: target.to_string(),
+            stack: stack.clone(),
+            target_system: target_system.clone(),
+            host: host.clone(),
+        },
+        other => DeployError::Target {
+            target: target.to_string(),
+            message: other.to_string(),
+        },
+    }
+}
+
+/// Deploy one stack to many targets: recipes and secrets are checked once,
+/// targets are connected and probed in parallel (at most `parallel` at
+/// once), each system's closure is realised once, then every target is
+/// deployed in parallel. A failed target does not stop the others unless
+/// `fail_fast`. Errors before any connection (recipes, secrets) fail the
+/// whole deploy; everything after is reported per target.
+#[allow(clippy::too_many_arguments)]
+pub fn deploy_fleet(
+    targets: &[String],
+    connect: &Connector<'_>,
+    opts: &DeployOptions,
+    parallel: usize,
+    fail_fast: bool,
+    observer: &dyn Observer,
+    fleet: &dyn FleetObserver,
+) -> Result<Vec<TargetResult>, DeployError> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let start = Instant::now();
+    let prepared = prepare(opts)?;
+    let stop = AtomicBool::new(false);
+    let skipped = |target: &str| DeployError::Target {
+        target: target.to_string(),
+        message: "skipped: another target failed and --fail-fast is set".into(),
+    };
+
+    let probed: Vec<Result<Probed, DeployError>> = bounded(targets, parallel, |target| {
+        if fail_fast && stop.load(Ordering::Relaxed) {
+            return Err(skipped(target));
+        }
+        let r = connect(target).and_then(|t| probe_target(t, opts.timeout));
+        match &r {
+            Ok(p) => fleet.target_event(
+                target,
+                TargetEvent::Connected {
+                    system: &p.system.to_string(),
+                },
+            ),
+            Err(e) => {
+                stop.store(true, Ordering::Relaxed);
+                fleet.target_event(target, TargetEvent::Failed(e));
+            }
+        }
+        r
+    });
+
+    // One closure per system.
+    let mut closures: BTreeMap<System, Result<Closure, DeployError>> = BTreeMap::new();
+    for (target, p) in targets.iter().zip(&probed) {
+        let Ok(p) = p else { continue };
+        if closures.contains_key(&p.system) || (fail_fast && stop.load(Ordering::Relaxed)) {
+            continue;
+        }
+        let c = realise_closure(
+            target,
+            &prepared.recipes,
+            &prepared.stack,
+            &prepared.store,
+            &p.system,
+            opts,
+            observer,
+        );
+        if c.is_err() {
+            stop.store(true, Ordering::Relaxed);
+        }
+        closures.insert(p.system.clone(), c);
+    }
+
+    let work: Vec<(usize, &String)> = targets.iter().enumerate().collect();
+    let results: Vec<TargetResult> = bounded(&work, parallel, |(i, target)| {
+        let target = target.as_str();
+        let p = match &probed[*i] {
+            Err(e) => {
+                return TargetResult {
+                    target: target.to_string(),
+                    system: None,
+                    result: Err(for_target(e, target)),
+                };
+            }
+            Ok(p) => p,
+        };
+        let system = Some(p.system.to_string());
+        let result = match closures.get(&p.system) {
+            None => Err(skipped(target)),
+            Some(Err(e)) => Err(for_target(e, target)),
+            Some(Ok(_)) if fail_fast && stop.load(Ordering::Relaxed) => Err(skipped(target)),
+            Some(Ok(closure)) => {
+                fleet.target_event(target, TargetEvent::Deploying);
+                deploy_realised(
+                    p.transport.as_ref(),
+                    &prepared,
+                    &p.probe,
+                    &p.system,
+                    closure,
+                    opts,
+                    start,
+                )
+            }
+        };
+        match &result {
+            Ok(r) => fleet.target_event(target, TargetEvent::Done(r)),
+            Err(e) => {
+                stop.store(true, Ordering::Relaxed);
+                fleet.target_event(target, TargetEvent::Failed(e));
+            }
+        }
+        TargetResult {
+            target: target.to_string(),
+            system,
+            result,
+        }
+    });
+    Ok(results)
 }
