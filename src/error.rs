@@ -7,6 +7,7 @@
 use crate::build::BuildError;
 use crate::config::ConfigError;
 use crate::deploy::DeployError;
+use crate::farm::FarmError;
 use crate::files::FileError;
 use crate::platform::SystemError;
 use crate::recipe::RecipeError;
@@ -32,6 +33,8 @@ pub enum Error {
     Transport(#[from] TransportError),
     #[error(transparent)]
     System(#[from] SystemError),
+    #[error(transparent)]
+    Farm(#[from] FarmError),
     #[error("{0}")]
     Usage(String),
     #[error("{failed} of {total} target(s) failed (see the table above)")]
@@ -68,6 +71,7 @@ impl Error {
             Error::Build(b) => build_exit_code(b),
             Error::Deploy(d) => deploy_exit_code(d),
             Error::Transport(_) => EXIT_FAILURE,
+            Error::Farm(f) if f.is_transport() => EXIT_FAILURE,
             Error::Store(StoreError::File(_)) | Error::File(_) => EXIT_FAILURE,
             _ => EXIT_USER,
         }
