@@ -432,7 +432,7 @@ fn deploy_realised(
     if !opts.dry_run {
         check_binaries(t, store, closure, system)?;
     }
-    let dep_root = deployments_root(opts.deployments_root.as_deref(), &probe);
+    let dep_root = deployments_root(opts.deployments_root.as_deref(), probe);
     let stack_dir = dep_root.join(&stack.name);
     let lay = layout(t, &opts.store_root, &dep_root, &stack.name);
 
@@ -468,7 +468,7 @@ fn deploy_realised(
     if opts.dry_run {
         create.clear();
     }
-    let script = remote::state(&lay, &closure, &watched(t, &paths), &create);
+    let script = remote::state(&lay, closure, &watched(t, &paths), &create);
     let out = t.run_checked("state query", &script, opts.timeout)?;
     let st = State::parse(&out.stdout, paths.len());
     report.rolled_forward = st.rolled_forward.clone();
@@ -676,7 +676,7 @@ fn deploy_realised(
                         timeout: opts.timeout,
                         settle_secs: opts.settle_secs,
                     };
-                    rollback_locked(t, &ro, &probe)?;
+                    rollback_locked(t, &ro, probe)?;
                     Some(
                         Generation::file_name(prev)
                             .trim_end_matches(".json")
