@@ -772,3 +772,30 @@ fn a_binary_for_another_machine_is_never_pushed() {
     assert!(current(&t).is_none());
     assert_store_whole(&t);
 }
+
+/// Generation files written by earlier versions must keep parsing.
+#[test]
+fn old_generation_files_keep_parsing() {
+    let dir = crate::common::repo().join("tests/fixtures/generations");
+    let mut seen = 0;
+    for e in fs::read_dir(&dir).unwrap().flatten() {
+        let bytes = fs::read(e.path()).unwrap();
+        let g = punix::deploy::generation::Generation::parse(&bytes)
+            .unwrap_or_else(|err| panic!("{}: {err}", e.path().display()));
+        assert!(g.number > 0 && !g.stack.is_empty() && !g.store_paths.is_empty());
+        seen += 1;
+    }
+    assert!(seen >= 2, "fixtures in {}", dir.display());
+    let demo = punix::deploy::generation::Generation::parse(
+        &fs::read(dir.join("format1-demo.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(demo.services.len(), 2);
+    assert!(demo.files.iter().any(|f| f.secret && f.content.is_none()));
+    let conf = demo
+        .files
+        .iter()
+        .find(|f| f.path == Path::new("/etc/demo/app.conf"))
+        .unwrap();
+    assert_eq!(conf.bytes().unwrap(), b"verbose = true\nworkers = 4\n");
+}
