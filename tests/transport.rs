@@ -194,6 +194,7 @@ suite!(
     quotes_hostile_values,
     times_out_and_kills_the_script,
     pushes_entries_then_renames_them_into_place,
+    pulls_a_tree_back,
     lock_excludes_then_frees,
     lock_freed_when_holder_killed,
     lock_freed_when_punix_killed,
@@ -494,6 +495,77 @@ fn pushes_entries_then_renames_them_into_place(f: &Fixture) {
     // A bad name is refused before anything runs.
     let bad = f.t.push(store.path(), &["../etc".to_string()], &again);
     assert!(matches!(bad, Err(TransportError::Other(_))), "{bad:?}");
+}
+
+/// Every node under `root` as `path mode [-> target | size:sha]`, sorted:
+/// what a pull must bring back exactly.
+fn local_listing(root: &Path) -> Vec<String> {
+    fn walk(root: &Path, p: &Path, out: &mut Vec<String>) {
+        let meta = std::fs::symlink_metadata(p).expect("stat");
+        let rel = p
+            .strip_prefix(root)
+            .expect("under root")
+            .display()
+            .to_string();
+        let mode = meta.permissions().mode() & 0o7777;
+        if meta.file_type().is_symlink() {
+            let t = std::fs::read_link(p).expect("readlink");
+            out.push(format!("{rel} link -> {}", t.display()));
+        } else if meta.is_dir() {
+            out.push(format!("{rel} dir {mode:o}"));
+            for e in std::fs::read_dir(p).expect("ls") {
+                walk(root, &e.expect("entry").path(), out);
+            }
+        } else {
+            let bytes = std::fs::read(p).expect("read");
+            out.push(format!("{rel} file {mode:o} {}", bytes.len()));
+        }
+    }
+    let mut out = Vec::new();
+    walk(root, root, &mut out);
+    out.sort();
+    out
+}
+
+fn pulls_a_tree_back(f: &Fixture) {
+    let (store, names) = make_store();
+    let remote = f.dir.join("pull-src");
+    f.t.push(store.path(), &names, &remote)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let before = f.t.counters().round_trips;
+    let local = tempfile::tempdir().expect("tempdir");
+    // Into a directory that does not exist yet (its parent does).
+    for name in &names {
+        let dst = local.path().join(format!("back-{name}"));
+        let stats =
+            f.t.pull(&remote.join(name), &dst)
+                .unwrap_or_else(|e| panic!("pull {name}: {e}"));
+        assert_eq!(
+            local_listing(&dst),
+            local_listing(&store.path().join(name)),
+            "{name}"
+        );
+        if name.contains("lib") {
+            assert!(stats.bytes_received > 100_000, "{stats:?}");
+        }
+    }
+    // One round trip each.
+    assert_eq!(f.t.counters().round_trips - before, names.len() as u64);
+    // A missing tree is an error that names the target.
+    let e =
+        f.t.pull(&remote.join("no-such-entry"), &local.path().join("x"))
+            .expect_err("missing remote dir");
+    let msg = e.to_string();
+    assert!(matches!(e, TransportError::Rsync { .. }), "{e:?}");
+    assert!(
+        msg.contains(&format!("rsync from `{}` failed", f.t.name())),
+        "{msg}"
+    );
+    // Read-only trees come back too, and can be removed here.
+    for e in std::fs::read_dir(local.path()).expect("ls") {
+        let p = e.expect("entry").path();
+        let _ = Command::new("chmod").arg("-R").arg("u+w").arg(&p).status();
+    }
 }
 
 fn holder_pid(e: &TransportError) -> u32 {
@@ -874,6 +946,9 @@ fn one_connection_for_many_scripts(tb: &testbed::Testbed, host: &testbed::Host) 
     let (store, names) = make_store();
     let dir = PathBuf::from("/srv/deploy").join(unique("one-connection"));
     t.push(store.path(), &names, &dir).expect("push");
+    let back = tempfile::tempdir().expect("tempdir");
+    t.pull(&dir.join(&names[2]), &back.path().join("x"))
+        .expect("pull");
     drop(t.lock(&dir.join("lock"), Duration::ZERO).expect("lock"));
     let out = t.run_script("echo \"$SSH_CONNECTION\"", T).expect("run");
     seen.insert(out.stdout.trim().to_string());
@@ -884,7 +959,7 @@ fn one_connection_for_many_scripts(tb: &testbed::Testbed, host: &testbed::Host) 
     );
     let c = t.counters();
     assert_eq!(c.connections, 1);
-    assert_eq!(c.round_trips, n as u64 + 6 + 3);
+    assert_eq!(c.round_trips, n as u64 + 6 + 4);
     let _ = t.run_script(
         &format!("chmod -R u+w {0}; rm -rf {0}", quote_path(&dir)),
         T,

@@ -4,7 +4,7 @@
 //! Scripts run as `/bin/sh -s` with the script on standard input and the
 //! root as working directory, in a process group of their own, so a
 //! timeout kills the script and everything it started. A push is one local
-//! `rsync` run. The lock is the same holder script the SSH transport runs
+//! `rsync` run, and so is a pull. The lock is the same holder script the SSH transport runs
 //! ([`lock_holder_script`]), here a child `sh` whose standard input is a
 //! pipe this process holds: when this process dies the pipe closes and the
 //! lock is released.
@@ -21,8 +21,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use super::{
-    Counters, LockGuard, LockMethod, LockReply, Output, PushStats, Transport, TransportError,
-    exit_code, lock_holder_script, parse_lock_reply, run_rsync,
+    Counters, LockGuard, LockMethod, LockReply, Output, PullStats, PushStats, Transport,
+    TransportError, exit_code, lock_holder_script, parse_lock_reply, parse_rsync_bytes_sent,
+    run_rsync, run_rsync_with_input,
 };
 
 /// How long a lock holder may take, beyond the wait it was given, to say
@@ -216,6 +217,24 @@ impl Transport for LocalTransport {
             .arg(dst)
             .env("LC_ALL", "C");
         run_rsync(&self.name(), cmd, names)
+    }
+
+    fn pull(&self, remote: &Path, local: &Path) -> Result<PullStats, TransportError> {
+        self.round_trips.fetch_add(1, Ordering::Relaxed);
+        let mut src = OsString::from(remote.as_os_str());
+        src.push("/");
+        let mut dst = OsString::from(local.as_os_str());
+        dst.push("/");
+        let mut cmd = Command::new("rsync");
+        cmd.args(["-a", "--stats"])
+            .arg(src)
+            .arg(dst)
+            .env("LC_ALL", "C");
+        let stats = run_rsync_with_input(&self.name(), "from", cmd, Vec::new())?;
+        // A local copy's sender is this side: what it sent is what moved.
+        Ok(PullStats {
+            bytes_received: parse_rsync_bytes_sent(&stats).unwrap_or(0),
+        })
     }
 
     fn lock(&self, lock_path: &Path, wait: Duration) -> Result<Box<dyn LockGuard>, TransportError> {

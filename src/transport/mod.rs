@@ -57,8 +57,10 @@ pub enum TransportError {
         stderr: String,
         hint: Option<String>,
     },
-    #[error("rsync to `{target}` failed (exit status {status}){}{}", stderr_suffix(.stderr), hint_suffix(.hint))]
+    #[error("rsync {direction} `{target}` failed (exit status {status}){}{}", stderr_suffix(.stderr), hint_suffix(.hint))]
     Rsync {
+        /// `to` for a push, `from` for a pull.
+        direction: &'static str,
         target: String,
         status: i32,
         stderr: String,
@@ -112,6 +114,14 @@ pub struct PushStats {
     pub bytes_sent: u64,
 }
 
+/// What one pull moved.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PullStats {
+    /// Bytes that came over the wire (for the local transport: the bytes
+    /// copied).
+    pub bytes_received: u64,
+}
+
 /// Counters for benchmarks and `--json`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Counters {
@@ -148,6 +158,14 @@ pub trait Transport: Send + Sync {
         names: &[String],
         remote_dir: &Path,
     ) -> Result<PushStats, TransportError>;
+
+    /// Copy the directory `remote` of the target (already rebased) to the
+    /// local directory `local` in ONE rsync run: afterwards `local` holds
+    /// what `remote` holds, with modes, executable bits and symlinks as
+    /// they are there. `local` is created if needed (its parent must
+    /// exist); files already in it are updated, others left alone. A
+    /// missing `remote` is an error.
+    fn pull(&self, remote: &Path, local: &Path) -> Result<PullStats, TransportError>;
 
     /// Hold the lock at `lock_path` (already rebased) until the guard is
     /// dropped, waiting up to `wait` for another holder. The lock dies with
@@ -337,8 +355,17 @@ pub fn check_entry_name(name: &str) -> Result<(), TransportError> {
 /// The `Total bytes sent:` figure of `rsync --stats` (digits only, so any
 /// thousands separator is fine).
 pub fn parse_rsync_bytes_sent(stats: &str) -> Option<u64> {
+    parse_rsync_figure(stats, "Total bytes sent:")
+}
+
+/// The `Total bytes received:` figure of `rsync --stats`.
+pub fn parse_rsync_bytes_received(stats: &str) -> Option<u64> {
+    parse_rsync_figure(stats, "Total bytes received:")
+}
+
+fn parse_rsync_figure(stats: &str, label: &str) -> Option<u64> {
     stats.lines().find_map(|l| {
-        let rest = l.trim().strip_prefix("Total bytes sent:")?;
+        let rest = l.trim().strip_prefix(label)?;
         let digits: String = rest.chars().filter(|c| c.is_ascii_digit()).collect();
         digits.parse().ok()
     })
@@ -372,12 +399,31 @@ pub fn rsync_hint(status: i32, stderr: &str) -> Option<String> {
 /// and read its statistics. Shared by both transports.
 pub(crate) fn run_rsync(
     target: &str,
-    mut cmd: Command,
+    cmd: Command,
     names: &[String],
 ) -> Result<PushStats, TransportError> {
     for n in names {
         check_entry_name(n)?;
     }
+    let mut list = Vec::new();
+    for n in names {
+        list.extend_from_slice(n.as_bytes());
+        list.push(0);
+    }
+    let stdout = run_rsync_with_input(target, "to", cmd, list)?;
+    Ok(PushStats {
+        bytes_sent: parse_rsync_bytes_sent(&stdout).unwrap_or(0),
+    })
+}
+
+/// Run one prepared `rsync` (its arguments hold `--stats`) with `input` on
+/// its standard input; its standard output (the statistics) on success.
+pub(crate) fn run_rsync_with_input(
+    target: &str,
+    direction: &'static str,
+    mut cmd: Command,
+    list: Vec<u8>,
+) -> Result<String, TransportError> {
     cmd.stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -386,11 +432,6 @@ pub(crate) fn run_rsync(
         package: "rsync".into(),
         source,
     })?;
-    let mut list = Vec::new();
-    for n in names {
-        list.extend_from_slice(n.as_bytes());
-        list.push(0);
-    }
     let stdin = child.stdin.take();
     let writer = std::thread::spawn(move || {
         if let Some(mut stdin) = stdin {
@@ -418,15 +459,14 @@ pub(crate) fn run_rsync(
     if !status.success() {
         let code = exit_code(status);
         return Err(TransportError::Rsync {
+            direction,
             target: target.to_string(),
             status: code,
             hint: rsync_hint(code, &stderr),
             stderr,
         });
     }
-    Ok(PushStats {
-        bytes_sent: parse_rsync_bytes_sent(&stdout).unwrap_or(0),
-    })
+    Ok(stdout)
 }
 
 /// A process's exit code, or 128 + the signal that ended it (as `sh`
@@ -464,6 +504,7 @@ mod tests {
             Some(98_765)
         );
         assert_eq!(parse_rsync_bytes_sent("nothing"), None);
+        assert_eq!(parse_rsync_bytes_received(s), Some(35));
     }
 
     #[test]

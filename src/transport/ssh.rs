@@ -4,7 +4,7 @@
 //!
 //! Contract:
 //! - Exactly one TCP connection per [`SshTransport`]: every script, lock
-//!   holder and rsync run is a session multiplexed over the master (rsync's
+//!   holder and rsync run (push or pull) is a session multiplexed over the master (rsync's
 //!   `ssh` is a mux client with `ProxyCommand=false`, so it can never open a
 //!   connection of its own).
 //! - Host keys are always checked strictly (`StrictHostKeyChecking=yes`);
@@ -36,8 +36,9 @@ use tokio::runtime::Runtime;
 use tokio::time::{Instant, timeout, timeout_at};
 
 use super::{
-    Counters, LockGuard, LockReply, Output, PushStats, Transport, TransportError,
-    lock_holder_script, parse_lock_reply, quote, run_rsync,
+    Counters, LockGuard, LockReply, Output, PullStats, PushStats, Transport, TransportError,
+    lock_holder_script, parse_lock_reply, parse_rsync_bytes_received, quote, run_rsync,
+    run_rsync_with_input,
 };
 
 /// Seconds an idle master (no session left, e.g. after punix was killed)
@@ -742,6 +743,38 @@ async fn read_all<R: AsyncRead + Unpin>(r: Option<R>) -> Vec<u8> {
 }
 
 impl Inner {
+    /// rsync's `-e`: a mux client of our master only. With the master gone
+    /// it must fail, not dial.
+    fn rsync_rsh(&self) -> String {
+        let socket = self
+            .session()
+            .control_socket()
+            .to_string_lossy()
+            .into_owned();
+        let mut rsh = format!(
+            "ssh -F /dev/null -S {} -o ControlMaster=no -o ProxyCommand=false -o BatchMode=yes -o StrictHostKeyChecking=yes -o LogLevel=ERROR",
+            rsync_word(&socket)
+        );
+        if let Some(p) = self.target.port {
+            rsh.push_str(&format!(" -p {p}"));
+        }
+        rsh
+    }
+
+    /// A failed rsync run whose master went away is [`TransportError::Dead`].
+    fn rsync_outcome<T>(&self, r: Result<T, TransportError>) -> Result<T, TransportError> {
+        match r {
+            Err(e @ TransportError::Rsync { .. }) => {
+                if self.rt.block_on(self.alive()) {
+                    Err(e)
+                } else {
+                    Err(self.dead("the control master went away during rsync"))
+                }
+            }
+            other => other,
+        }
+    }
+
     fn session(&self) -> &Arc<Session> {
         // Only `Drop` takes it out.
         self.session
@@ -935,19 +968,7 @@ impl Transport for SshTransport {
         let inner = &self.inner;
         inner.round_trips.fetch_add(1, Ordering::Relaxed);
         let t = &inner.target;
-        let socket = inner
-            .session()
-            .control_socket()
-            .to_string_lossy()
-            .into_owned();
-        // A mux client only: with the master gone it must fail, not dial.
-        let mut rsh = format!(
-            "ssh -F /dev/null -S {} -o ControlMaster=no -o ProxyCommand=false -o BatchMode=yes -o StrictHostKeyChecking=yes -o LogLevel=ERROR",
-            rsync_word(&socket)
-        );
-        if let Some(p) = t.port {
-            rsh.push_str(&format!(" -p {p}"));
-        }
+        let rsh = inner.rsync_rsh();
         let dir = remote_dir.to_string_lossy();
         let dir = dir.trim_end_matches('/');
         let dir = if dir.is_empty() { "/" } else { dir };
@@ -974,17 +995,34 @@ impl Transport for SshTransport {
             .arg(src)
             .arg(dest)
             .env("LC_ALL", "C");
-        match run_rsync(&inner.name, cmd, names) {
-            Ok(stats) => Ok(stats),
-            Err(e @ TransportError::Rsync { .. }) => {
-                if inner.rt.block_on(inner.alive()) {
-                    Err(e)
-                } else {
-                    Err(inner.dead("the control master went away during rsync"))
-                }
-            }
-            Err(e) => Err(e),
-        }
+        inner.rsync_outcome(run_rsync(&inner.name, cmd, names))
+    }
+
+    fn pull(&self, remote: &Path, local: &Path) -> Result<PullStats, TransportError> {
+        let inner = &self.inner;
+        inner.round_trips.fetch_add(1, Ordering::Relaxed);
+        let t = &inner.target;
+        let dir = remote.to_string_lossy();
+        let dir = dir.trim_end_matches('/');
+        let src = format!("{}@{}:{dir}/", t.user, t.bracketed_host());
+        let mut dst = local.as_os_str().to_os_string();
+        dst.push("/");
+        let mut cmd = Command::new("rsync");
+        cmd.args(["-a", "--stats"])
+            .arg(format!(
+                "--timeout={}",
+                inner.opts.op_timeout.as_secs().max(1)
+            ))
+            .arg("-e")
+            .arg(inner.rsync_rsh())
+            .arg(src)
+            .arg(dst)
+            .env("LC_ALL", "C");
+        let stats =
+            inner.rsync_outcome(run_rsync_with_input(&inner.name, "from", cmd, Vec::new()))?;
+        Ok(PullStats {
+            bytes_received: parse_rsync_bytes_received(&stats).unwrap_or(0),
+        })
     }
 
     fn lock(&self, lock_path: &Path, wait: Duration) -> Result<Box<dyn LockGuard>, TransportError> {
