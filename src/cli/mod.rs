@@ -2,6 +2,7 @@
 //! that knows clap and the terminal.
 
 mod build;
+mod builders;
 mod progress;
 mod service;
 mod store;
@@ -40,6 +41,9 @@ pub enum Command {
     /// Deploy stacks of services, roll them back, show their state.
     #[command(subcommand)]
     Service(service::ServiceCommand),
+    /// Manage the build farm: list, add, remove and check builders.
+    #[command(subcommand)]
+    Builders(builders::BuildersCommand),
 }
 
 pub fn parse() -> Cli {
@@ -65,6 +69,7 @@ pub fn run(cli: Cli) -> Result<(), Error> {
         Command::Build(args) => build::run(&cx, args),
         Command::Store(cmd) => store::run(&cx, cmd),
         Command::Service(cmd) => service::run(&cx, cmd),
+        Command::Builders(cmd) => builders::run(&cx, cmd),
     }
 }
 

@@ -147,6 +147,12 @@ pub enum FarmError {
     /// Reaching the builder failed (unreachable, host key, ...).
     #[error(transparent)]
     Transport(#[from] TransportError),
+    /// Reaching a named builder failed.
+    #[error("builder `{builder}`: {source}")]
+    Reach {
+        builder: String,
+        source: Box<TransportError>,
+    },
     /// The builder was reached but cannot serve as one.
     #[error("`{builder}` ({url}) cannot be used as a builder:{}", problems_list(.problems))]
     Unsuitable {
@@ -163,7 +169,7 @@ impl FarmError {
     /// Whether this is a failure to reach or use a host (exit code 3)
     /// rather than a mistake of the user's (exit code 1).
     pub fn is_transport(&self) -> bool {
-        matches!(self, FarmError::Transport(_))
+        matches!(self, FarmError::Transport(_) | FarmError::Reach { .. })
     }
 }
 
@@ -176,7 +182,7 @@ fn hint_suffix(hint: &Option<String>) -> String {
 fn problems_list(problems: &[String]) -> String {
     problems
         .iter()
-        .map(|p| format!("\n  - {}", p.replace('\n', "\n    ")))
+        .map(|p| format!("\n  - {}", p.replace("\n  ", "\n    ")))
         .collect()
 }
 
