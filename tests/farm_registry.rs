@@ -367,6 +367,67 @@ fn unreachable_host_is_refused_quickly_and_nothing_recorded() {
 }
 
 #[test]
+fn unsuitable_host_is_refused_and_nothing_recorded() {
+    let Some((tb, h1)) = host_or_skip("unsuitable_host_is_refused", "h1") else {
+        return;
+    };
+    let cx = Ctx::new("unsuitable");
+    let reg = cx.registry();
+    let key = tb.key.to_str().unwrap();
+    let kh = tb.known_hosts.to_str().unwrap();
+    let u = url(&tb, &h1);
+    // A store root the login user cannot create.
+    let mut c = cx.cmd();
+    c.env("PUNIX_STORE_DIR", "/var/lib/punix-farm-test/store");
+    let args = [
+        "builders",
+        "add",
+        "h1",
+        &u,
+        "--key",
+        key,
+        "--known-hosts",
+        kh,
+        "--builders",
+        reg.to_str().unwrap(),
+    ];
+    let r = cx.run_with(c, &args).failure(1);
+    assert!(
+        r.stderr.contains(&format!("error: `h1` ({u}) cannot be used as a builder:\n  - the store root `/var/lib/punix-farm-test/store` cannot be created or written by `{}`", tb.user)),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        r.stderr.contains(&format!(
+            "sudo chown {} /var/lib/punix-farm-test/store",
+            tb.user
+        )),
+        "{}",
+        r.stderr
+    );
+    // Systems that are not what `uname` says.
+    let r = cx
+        .add(&tb, "h1", &u, &["--systems", "aarch64-linux"])
+        .failure(1);
+    assert!(
+        r.stderr
+            .contains("`uname` says it is `x86_64-linux`, but `--systems` lists `aarch64-linux`"),
+        "{}",
+        r.stderr
+    );
+    assert!(!reg.exists(), "a refused builder must not be recorded");
+    // Extra systems are fine when they include the detected one.
+    cx.add(&tb, "h1", &u, &["--systems", "i686-linux,x86_64-linux"])
+        .success();
+    let systems: Vec<String> = cx.load().builders[0]
+        .systems
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    assert_eq!(systems, ["i686-linux", "x86_64-linux"]);
+}
+
+#[test]
 fn list_reports_each_builder_that_cannot_be_reached() {
     let Some((tb, h1)) = host_or_skip("list_reports_unreachable", "h1") else {
         return;

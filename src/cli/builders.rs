@@ -199,8 +199,8 @@ fn add(cx: &Context, a: AddArgs) -> Result<(), Error> {
         );
         if builder.systems.is_empty() {
             println!(
-                "note: no systems recorded, so nothing will be built on `{}`; add it again with `--systems x86_64-linux,...`, or without `--no-probe` to detect them",
-                builder.name
+                "note: no systems recorded, so nothing will be built on `{name}`; `punix builders remove {name}` and add it again with `--systems x86_64-linux,...`, or without `--no-probe` to detect them",
+                name = builder.name
             );
         }
         println!("registry: {}", reg.path.display());

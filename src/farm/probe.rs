@@ -48,6 +48,8 @@ pub struct BuilderStatus {
     /// `uname -m` and `uname -s` as printed, when they name no system we
     /// know.
     pub uname: Option<String>,
+    /// The login user there (`id -un`).
+    pub user: Option<String>,
     pub has_sh: bool,
     pub has_rsync: bool,
     /// The store root exists (or was created) and is writable.
@@ -107,8 +109,9 @@ impl BuilderStatus {
         }
         if !self.store_writable {
             out.push(format!(
-                "the store root `{root}` cannot be created or written by this user\n  hint: create it there and give it to the builder's user (`sudo mkdir -p {root} && sudo chown USER {root}`), or choose another with `--store-root`",
-                root = store_root.display()
+                "the store root `{root}` cannot be created or written by `{user}`\n  hint: create it there for that user (`sudo mkdir -p {root} && sudo chown {user} {root}`), or choose another with `--store-root`",
+                root = store_root.display(),
+                user = self.user.as_deref().unwrap_or("USER")
             ));
         }
         out
@@ -144,7 +147,8 @@ pub fn probe_over(t: &dyn Transport, name: &str, store_root: &Path) -> BuilderSt
         Err(e) => return BuilderStatus::unreachable(name, e.to_string()),
     };
     let mut s = parse_probe_output(name, &out.stdout);
-    s.latency_ms = Some(latency.as_secs_f64() * 1000.0);
+    // Milliseconds, to the microsecond.
+    s.latency_ms = Some((latency.as_secs_f64() * 1e6).round() / 1e3);
     s
 }
 
@@ -192,6 +196,7 @@ fn probe_script(store_root: &Path) -> String {
         r#"root={root}
 echo "machine=$(uname -m 2>/dev/null)"
 echo "kernel=$(uname -s 2>/dev/null)"
+echo "user=$(id -un 2>/dev/null)"
 if command -v sh >/dev/null 2>&1; then echo sh=yes; else echo sh=no; fi
 if command -v rsync >/dev/null 2>&1; then echo rsync=yes; else echo rsync=no; fi
 if mkdir -p -- "$root" 2>/dev/null && [ -d "$root" ] && [ -w "$root" ]; then echo store=yes; else echo store=no; fi
@@ -220,6 +225,7 @@ fn parse_probe_output(name: &str, stdout: &str) -> BuilderStatus {
         match k {
             "machine" => machine = v.to_string(),
             "kernel" => kernel = v.to_string(),
+            "user" if !v.is_empty() => s.user = Some(v.to_string()),
             "sh" => s.has_sh = v == "yes",
             "rsync" => s.has_rsync = v == "yes",
             "store" => s.store_writable = v == "yes",
