@@ -129,6 +129,18 @@ impl Ctx {
     }
 }
 
+impl Drop for Ctx {
+    /// Best effort: remove this test's directory on every testbed host.
+    fn drop(&mut self) {
+        if let Ok(Some(tb)) = Testbed::from_env() {
+            let dir = PathBuf::from(format!("/srv/deploy/{}", self.id));
+            for h in &tb.hosts {
+                let _ = fs::remove_dir_all(h.local_path(&dir));
+            }
+        }
+    }
+}
+
 fn url(tb: &Testbed, h: &Host) -> String {
     h.url(&tb.user)
 }
