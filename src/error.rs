@@ -37,7 +37,7 @@ pub enum Error {
     Farm(#[from] FarmError),
     #[error("{0}")]
     Usage(String),
-    #[error("{failed} of {total} target(s) failed (see the table above)")]
+    #[error("{failed} of {total} target(s) failed")]
     Fleet {
         failed: usize,
         total: usize,
@@ -68,6 +68,7 @@ impl Error {
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::Usage(_) | Error::System(_) => EXIT_USAGE,
+            Error::Fleet { code, .. } => *code,
             Error::Build(b) => build_exit_code(b),
             Error::Deploy(d) => deploy_exit_code(d),
             Error::Transport(_) => EXIT_FAILURE,
@@ -99,6 +100,7 @@ fn build_exit_code(e: &BuildError) -> i32 {
 pub fn deploy_exit_code(e: &DeployError) -> i32 {
     match e {
         DeployError::Build(b) => build_exit_code(b),
+        DeployError::Repeated { code, .. } => *code,
         DeployError::Transport(_)
         | DeployError::ActivationFailed { .. }
         | DeployError::Io(_)

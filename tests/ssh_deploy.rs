@@ -133,19 +133,6 @@ impl Ctx {
         .ok()
         .map(|p| p.to_string_lossy().into_owned())
     }
-
-    fn accepted_logins(&self) -> usize {
-        let log = self
-            .tb
-            .dir
-            .join("hosts")
-            .join(&self.host.name)
-            .join("sshd.log");
-        fs::read_to_string(log)
-            .unwrap_or_default()
-            .matches("Accepted publickey")
-            .count()
-    }
 }
 
 impl Drop for Ctx {
@@ -237,29 +224,29 @@ fn seed_conformance_over_ssh() {
         return;
     };
     simple_stack(&c, "one\\n");
-    let logins = c.accepted_logins();
-    let out = ok(&c.service("deploy", "Web", &[]));
-    assert!(
-        out.contains("gen-001") && out.contains("2 pushed / 0 cached"),
-        "{out}"
-    );
+    // (Other tests log in to the same host at the same time, so the
+    // connection count comes from punix's own counters here; the
+    // benchmark counts sshd's log lines on a quiet host.)
+    let out = ok(&c.service("deploy", "Web", &["--json"]));
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["generation"], 1, "{v}");
+    assert_eq!(v["pushed"], 2, "{v}");
+    assert_eq!(v["cached"], 0, "{v}");
     assert_eq!(
-        c.accepted_logins() - logins,
-        1,
-        "one SSH connection per deploy"
+        v["counters"]["connections"], 1,
+        "one SSH connection per deploy: {v}"
     );
     assert_eq!(c.current("Web").as_deref(), Some("gen-001.json"));
     let conf = c.on_host(&c.remote().join("etc/app.conf"));
     assert_eq!(fs::read_to_string(&conf).unwrap(), "one\n");
 
     // Unchanged: 0 pushed, no new generation.
-    let logins = c.accepted_logins();
     let out = ok(&c.service("deploy", "Web", &["--json"]));
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(v["unchanged"], true);
     assert_eq!(v["pushed"], 0);
     assert!(v["counters"]["round_trips"].as_u64().unwrap() <= 3, "{v}");
-    assert_eq!(c.accepted_logins() - logins, 1);
+    assert_eq!(v["counters"]["connections"], 1, "{v}");
 
     // A change, then rollback restores exactly.
     simple_stack(&c, "two\\n");
@@ -672,6 +659,27 @@ fn activation_with_real_systemd_and_automatic_rollback() {
     let unit_text =
         fs::read_to_string(c.on_host(&PathBuf::from("/etc/systemd/system").join(&unit))).unwrap();
     assert!(unit_text.contains("-daemon-2/bin/daemon"), "{unit_text}");
+
+    // The failed generation is kept aside, never a rollback target, and
+    // the next generation gets a new number.
+    let stack_dir = c.on_host(&c.remote().join("deployments/Svc"));
+    assert!(stack_dir.join("gen-003.failed.json").is_file());
+    assert!(!stack_dir.join("gen-003.json").exists());
+    systemd_stack(&c, "4", false);
+    let out = ok(&deploy(&[]));
+    assert!(out.contains("gen-004"), "{out}");
+    let mut rb: Vec<String> = vec![
+        "service".into(),
+        "rollback".into(),
+        "Svc".into(),
+        "--activate".into(),
+    ];
+    rb.extend(c.target_args());
+    rb.push("--deployments-root".into());
+    rb.push(c.remote().join("deployments").display().to_string());
+    let out = ok(&c.cmd().args(&rb).output().unwrap());
+    assert!(out.contains("rolled back to gen-002"), "{out}");
+    assert_eq!(is_active(), "active");
 
     // Clean up the unit on the host.
     let _ = c.ssh(

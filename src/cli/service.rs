@@ -189,6 +189,19 @@ pub struct StatusArgs {
 pub fn run(cx: &Context, cmd: ServiceCommand) -> Result<(), Error> {
     match cmd {
         ServiceCommand::Deploy(a) => {
+            for (flag, p) in [
+                ("--deployments-root", a.deployments_root.as_deref()),
+                ("--unit-dir", Some(a.unit_dir.as_path())),
+            ] {
+                if let Some(p) = p
+                    && !p.is_absolute()
+                {
+                    return Err(Error::Usage(format!(
+                        "`{flag} {}`: paths on the target must be absolute",
+                        p.display()
+                    )));
+                }
+            }
             let path = recipes_path(a.file.as_deref())?;
             let mut build = Options::default();
             if let Some(j) = a.jobs {
@@ -332,16 +345,24 @@ pub fn run(cx: &Context, cmd: ServiceCommand) -> Result<(), Error> {
                     }
                 );
             }
-            for r in &report.rolled_forward {
-                println!("  completed an interrupted commit: {r}");
+            for r in &report.pending_journals {
+                println!(
+                    "  an interrupted commit is pending ({r}); the next deploy or rollback completes it"
+                );
             }
-            if report.drifted_files.is_empty() && report.missing_paths.is_empty() {
+            if report.drifted_files.is_empty()
+                && report.missing_paths.is_empty()
+                && report.missing_files.is_empty()
+            {
                 if report.current.is_some() {
                     println!("  no drift: files and store paths match the current generation");
                 }
             } else {
                 for f in &report.drifted_files {
                     println!("  drift: {f} changed on the target");
+                }
+                for f in &report.missing_files {
+                    println!("  drift: {f} is missing on the target");
                 }
                 for p in &report.missing_paths {
                     println!("  drift: store path {p} is missing on the target");
@@ -408,7 +429,7 @@ fn print_report(r: &DeployReport, json: bool, verb: &str) {
     }
     if !r.new_generation {
         println!(
-            "{}: repaired drift on {} ({gen_name} stays current): {}",
+            "{}: updated what differed on {} (drift, or a changed secret; {gen_name} stays current): {}",
             r.stack,
             r.target,
             r.repaired.join(", ")
@@ -426,11 +447,16 @@ fn print_report(r: &DeployReport, json: bool, verb: &str) {
         r.files_removed.len(),
         if r.activated {
             format!(
-                "; restarted {}",
+                "; restarted {}{}",
                 if r.units_restarted.is_empty() {
                     "none".to_string()
                 } else {
                     r.units_restarted.join(", ")
+                },
+                if r.units_stopped.is_empty() {
+                    String::new()
+                } else {
+                    format!("; stopped {}", r.units_stopped.join(", "))
                 }
             )
         } else {

@@ -156,6 +156,21 @@ impl Generation {
         format!("gen-{n:03}.json")
     }
 
+    /// The name a generation gets when its activation failed and the deploy
+    /// rolled back: kept for inspection, never a rollback target.
+    pub fn failed_file_name(n: u64) -> String {
+        format!("gen-{n:03}.failed.json")
+    }
+
+    /// Parse a failed generation's number from a file name.
+    pub fn failed_number_of(file_name: &str) -> Option<u64> {
+        file_name
+            .strip_prefix("gen-")?
+            .strip_suffix(".failed.json")?
+            .parse()
+            .ok()
+    }
+
     /// Parse a generation number from a file name.
     pub fn number_of(file_name: &str) -> Option<u64> {
         file_name

@@ -79,7 +79,7 @@ pub enum DeployError {
         why: String,
     },
     #[error(
-        "`{file}` is an `{file_arch}` binary, and `{target}` is `{target_system}`; refusing to push it\n  hint: build the package for `{target_system}` (its derivation names the system it was built for)"
+        "`{file}` is an `{file_arch}` binary, and `{target}` is `{target_system}`; refusing to push it\n  hint: the package's script produced (or copied) a binary for another machine; build it on, or for, `{target_system}`"
     )]
     ForeignBinary {
         target: String,
@@ -93,6 +93,14 @@ pub enum DeployError {
     NoRsync { target: String },
     #[error("`{target}`: {message}")]
     Target { target: String, message: String },
+    /// The error of another target of the same system, told for this one
+    /// (with the exit code of the original).
+    #[error("`{target}`: {message}")]
+    Repeated {
+        target: String,
+        message: String,
+        code: i32,
+    },
     #[error("nothing to roll back to for stack `{stack}` on `{target}`: {reason}")]
     NothingToRollBack {
         stack: String,
@@ -106,13 +114,18 @@ pub enum DeployError {
         number: u64,
         missing: Vec<String>,
     },
-    #[error("activation failed on `{target}`: {failed}{rolled_back}\n{logs}", failed = .failed.join(", "), rolled_back = .rolled_back.as_ref().map(|g| format!("; rolled back to {g}")).unwrap_or_else(|| "; the failed generation stays current (--no-rollback)".into()))]
+    #[error("activation failed on `{target}`: {failed}; {outcome}{}", if .logs.is_empty() { String::new() } else { format!("\n{}", .logs) }, failed = .failed.join(", "))]
     ActivationFailed {
         target: String,
         failed: Vec<String>,
-        rolled_back: Option<String>,
+        /// What happened next, in words: rolled back, or kept.
+        outcome: String,
         logs: String,
     },
+    #[error(
+        "`{target}` does not run systemd (no `/run/systemd/system`), so `--activate` cannot start units there\n  hint: deploy without `--activate`, or to a host booted with systemd"
+    )]
+    NoSystemd { target: String },
     #[error("cannot render the files of stack `{stack}`: {message}")]
     Render { stack: String, message: String },
     #[error("{0}")]

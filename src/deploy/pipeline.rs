@@ -165,23 +165,18 @@ fn check_state(
     st: &State,
     files: &[PathBuf],
     store_root: &Path,
+    unit_dir: Option<&Path>,
 ) -> Result<(), DeployError> {
-    if let Some(j) = st.journal_failed.first() {
-        return Err(target_err(
-            t,
-            format!(
-                "an interrupted commit ({j}) could not be completed; see its `.failed` and `.log` files next to it"
-            ),
-        ));
-    }
     if let Some(p) = st.unwritable.first() {
         let hint = if Path::new(p) == t.rebase(store_root) {
             format!(
-                "pass `--store-root` with a directory the target user can write, or create it there: `sudo mkdir -p {p} && sudo chown $USER {p}`"
+                "pass `--store-root` with a directory the target user can write, or create it there: `sudo mkdir -p '{p}' && sudo chown \"$USER\" '{p}'`"
             )
+        } else if unit_dir.is_some_and(|u| Path::new(p) == t.rebase(u)) {
+            "units are written as the target user: deploy as root (`ssh://root@...`), or pass `--unit-dir` with a directory that user can write".to_string()
         } else {
             format!(
-                "make it writable for the target user (`sudo mkdir -p {p} && sudo chown $USER {p}`), or deploy as a user that can write it"
+                "make it writable for the target user (`sudo mkdir -p '{p}' && sudo chown \"$USER\" '{p}'`), or deploy as a user that can write it"
             )
         };
         return Err(DeployError::Unwritable {
@@ -429,6 +424,9 @@ fn deploy_realised(
     let closure = &realised.names;
     let by_module = &realised.by_module;
     let built = realised.built;
+    if opts.activate {
+        check_can_activate(t, probe)?;
+    }
     if !opts.dry_run {
         check_binaries(t, store, closure, system)?;
     }
@@ -468,11 +466,17 @@ fn deploy_realised(
     if opts.dry_run {
         create.clear();
     }
-    let script = remote::state(&lay, closure, &watched(t, &paths), &create);
+    let script = remote::state(&lay, closure, &watched(t, &paths), &create, !opts.dry_run);
     let out = t.run_checked("state query", &script, opts.timeout)?;
     let st = State::parse(&out.stdout, paths.len());
     report.rolled_forward = st.rolled_forward.clone();
-    check_state(t, &st, &paths, &opts.store_root)?;
+    check_state(
+        t,
+        &st,
+        &paths,
+        &opts.store_root,
+        (!stack.services.is_empty()).then_some(opts.unit_dir.as_path()),
+    )?;
     let current = parse_current(t, &st, &stack_dir)?;
 
     // The generation this deploy describes.
@@ -508,7 +512,7 @@ fn deploy_realised(
         content_id: String::new(),
     };
     generation.seal();
-    let next = st.generations.iter().max().copied().unwrap_or(0) + 1;
+    let next = st.next_number();
 
     // What differs on the target.
     let writes: Vec<usize> = desired
@@ -520,6 +524,23 @@ fn deploy_realised(
         })
         .map(|(i, _)| i)
         .collect();
+    if !opts.dry_run
+        && let Some((i, dir)) = st.unwritable_files.iter().find(|(i, _)| writes.contains(i))
+    {
+        let path = desired[*i].path.display().to_string();
+        let hint = if desired[*i].kind == FileKind::Unit {
+            "units are written as the target user: deploy as root (`ssh://root@...`), or pass `--unit-dir` with a directory that user can write".to_string()
+        } else {
+            format!(
+                "deploy as a user that can write `{dir}`, or create the directory for this user there: `sudo mkdir -p '{dir}' && sudo chown \"$USER\" '{dir}'`"
+            )
+        };
+        return Err(DeployError::Unwritable {
+            target: t.name(),
+            path,
+            hint,
+        });
+    }
     let wanted: BTreeSet<&PathBuf> = paths.iter().collect();
     let removes: Vec<PathBuf> = current
         .as_ref()
@@ -664,7 +685,8 @@ fn deploy_realised(
         report.activated = true;
         if !failed.is_empty() {
             let logs = unit_logs(t, &failed, opts.timeout);
-            let rolled_back = match (opts.no_rollback, cur_number) {
+            let outcome = match (opts.no_rollback, cur_number) {
+                (true, _) => "the failed generation stays current (--no-rollback)".to_string(),
                 (false, Some(prev)) if prev != number => {
                     let ro = RollbackOptions {
                         stack: stack.name.clone(),
@@ -676,22 +698,35 @@ fn deploy_realised(
                         timeout: opts.timeout,
                         settle_secs: opts.settle_secs,
                     };
-                    rollback_locked(t, &ro, probe)?;
-                    Some(
-                        Generation::file_name(prev)
-                            .trim_end_matches(".json")
-                            .to_string(),
-                    )
+                    let prev_name = gen_label(prev);
+                    let outcome = match rollback_locked(t, &ro, probe) {
+                        Ok(_) => format!("rolled back to {prev_name}, whose units are active again"),
+                        Err(e) => format!(
+                            "rolled back to {prev_name}, but it did not come up either: {}",
+                            e.to_string().lines().next().unwrap_or_default()
+                        ),
+                    };
+                    // Keep the failed generation for inspection, out of the
+                    // way of the next rollback.
+                    let g = t.rebase(&stack_dir.join(Generation::file_name(number)));
+                    let f = t.rebase(&stack_dir.join(Generation::failed_file_name(number)));
+                    let _ = t.run_script(
+                        &format!(
+                            "mv -f {} {}",
+                            crate::transport::script::quote_path(&g),
+                            crate::transport::script::quote_path(&f)
+                        ),
+                        opts.timeout,
+                    );
+                    outcome
                 }
-                _ => None,
+                _ => "there is no earlier generation to roll back to, so the failed one stays current"
+                    .to_string(),
             };
             return Err(DeployError::ActivationFailed {
                 target: t.name(),
-                failed: failed
-                    .iter()
-                    .map(|(u, s)| format!("`{u}` is {s}"))
-                    .collect(),
-                rolled_back,
+                failed: describe_failed(&failed),
+                outcome,
                 logs,
             });
         }
@@ -699,6 +734,21 @@ fn deploy_realised(
     report.counters = t.counters();
     report.seconds = start.elapsed().as_secs_f64();
     Ok(report)
+}
+
+/// `--activate` needs systemd running on a real host: not a directory
+/// standing in for one (`--transport-root`), not a host without systemd.
+fn check_can_activate(t: &dyn Transport, probe: &Probe) -> Result<(), DeployError> {
+    if t.rebase(Path::new("/")) != Path::new("/") {
+        return Err(target_err(
+            t,
+            "`--activate` cannot be used with `--transport-root`: it would restart the units of this machine",
+        ));
+    }
+    if !probe.has("systemd-running") || !probe.has("systemctl") {
+        return Err(DeployError::NoSystemd { target: t.name() });
+    }
+    Ok(())
 }
 
 /// Refuse a closure with an ELF binary under `bin/` (or `sbin/`) built for
@@ -727,6 +777,28 @@ fn check_binaries(
         }
     }
     Ok(())
+}
+
+fn gen_label(n: u64) -> String {
+    Generation::file_name(n)
+        .trim_end_matches(".json")
+        .to_string()
+}
+
+fn describe_failed(failed: &[(String, String)]) -> Vec<String> {
+    failed
+        .iter()
+        .map(|(u, s)| {
+            format!(
+                "`{u}` is {}",
+                if s.is_empty() {
+                    "in an unknown state"
+                } else {
+                    s
+                }
+            )
+        })
+        .collect()
 }
 
 fn list_or_none(v: &[String]) -> String {
@@ -1010,7 +1082,7 @@ fn rollback_locked(
 
     let out = t.run_checked(
         "state query",
-        &remote::state(&lay, &[], &[], &[]),
+        &remote::state(&lay, &[], &[], &[], true),
         opts.timeout,
     )?;
     let st = State::parse(&out.stdout, 0);
@@ -1055,7 +1127,7 @@ fn rollback_locked(
     let paths: Vec<PathBuf> = target_gen.files.iter().map(|f| f.path.clone()).collect();
     let out = t.run_checked(
         "state query",
-        &remote::state(&lay, &names, &watched(t, &paths), &[]),
+        &remote::state(&lay, &names, &watched(t, &paths), &[], true),
         opts.timeout,
     )?;
     let st2 = State::parse(&out.stdout, paths.len());
@@ -1067,7 +1139,7 @@ fn rollback_locked(
             missing: st2.missing.clone(),
         });
     }
-    check_state(t, &st2, &paths, &opts.store_root)?;
+    check_state(t, &st2, &paths, &opts.store_root, None)?;
 
     let secrets = secrets::resolve_refs(&generation_secret_refs(&target_gen))
         .map_err(|m| secrets_error(&opts.stack, m))?;
@@ -1172,11 +1244,8 @@ fn rollback_locked(
             let logs = unit_logs(t, &failed, opts.timeout);
             return Err(DeployError::ActivationFailed {
                 target: t.name(),
-                failed: failed
-                    .iter()
-                    .map(|(u, s)| format!("`{u}` is {s}"))
-                    .collect(),
-                rolled_back: None,
+                failed: describe_failed(&failed),
+                outcome: format!("{} stays current", gen_label(to)),
                 logs,
             });
         }
@@ -1205,6 +1274,10 @@ pub struct StatusReport {
     pub generations: Vec<GenerationInfo>,
     /// Files of the current generation that changed on the target.
     pub drifted_files: Vec<String>,
+    /// Files of the current generation missing on the target.
+    pub missing_files: Vec<String>,
+    /// Interrupted commits that the next deploy or rollback completes.
+    pub pending_journals: Vec<String>,
     /// Store paths of the current generation missing on the target.
     pub missing_paths: Vec<String>,
     pub rolled_forward: Vec<String>,
@@ -1222,7 +1295,11 @@ pub fn status(
     let dep_root = deployments_root_or(deployments_root, &probe);
     let stack_dir = dep_root.join(stack);
     let lay = layout(t, store_root, &dep_root, stack);
-    let out = t.run_checked("state query", &remote::state(&lay, &[], &[], &[]), timeout)?;
+    let out = t.run_checked(
+        "state query",
+        &remote::state(&lay, &[], &[], &[], false),
+        timeout,
+    )?;
     let st = State::parse(&out.stdout, 0);
     let current = parse_current(t, &st, &stack_dir)?;
     let mut report = StatusReport {
@@ -1231,6 +1308,8 @@ pub fn status(
         current: current.as_ref().map(|c| c.number),
         generations: Vec::new(),
         drifted_files: Vec::new(),
+        missing_files: Vec::new(),
+        pending_journals: st.pending_journals.clone(),
         missing_paths: Vec::new(),
         rolled_forward: st.rolled_forward.clone(),
     };
@@ -1280,7 +1359,7 @@ pub fn status(
         let paths: Vec<PathBuf> = c.files.iter().map(|f| f.path.clone()).collect();
         let out = t.run_checked(
             "state query",
-            &remote::state(&lay, &names, &watched(t, &paths), &[]),
+            &remote::state(&lay, &names, &watched(t, &paths), &[], false),
             timeout,
         )?;
         let st2 = State::parse(&out.stdout, paths.len());
@@ -1288,7 +1367,11 @@ pub fn status(
         for (f, (h, m)) in c.files.iter().zip(&st2.files) {
             let mode_ok = u32::from_str_radix(m, 8).ok() == Some(f.mode_bits());
             let drift = match (&f.sha256, h.as_str()) {
-                (_, "absent" | "symlink" | "notfile") => true,
+                (_, "absent") => {
+                    report.missing_files.push(f.path.display().to_string());
+                    false
+                }
+                (_, "symlink" | "notfile") => true,
                 (Some(expected), actual) => expected != actual || !mode_ok,
                 (None, _) => !mode_ok,
             };
@@ -1329,8 +1412,10 @@ pub fn gc_target(
     let s = crate::transport::script::quote_path(&t.rebase(store_root));
     let script = format!(
         "for g in {dr}/*/gen-*.json; do [ -e \"$g\" ] || continue; echo \"gen-begin $g\"; base64 < \"$g\"; echo gen-end; done\n\
-         for j in {dr}/*/.journal-*.sh {s}/.tmp-push-*; do [ -e \"$j\" ] && echo \"busy $j\"; done\n\
-         for e in {s}/*; do [ -e \"$e/built\" ] && echo \"entry ${{e##*/}}\"; done\n"
+         for j in {dr}/*/.journal-*.sh; do [ -e \"$j\" ] && echo \"busy $j\"; done\n\
+         for j in {s}/.tmp-push-*; do [ -e \"$j\" ] || continue; if [ -n \"$(find \"$j\" -maxdepth 0 -mmin +60 2>/dev/null)\" ]; then chmod -R u+w \"$j\" 2>/dev/null; rm -rf \"$j\"; echo \"swept $j\"; else echo \"busy $j\"; fi; done\n\
+         for e in {s}/*; do if [ -e \"$e/built\" ]; then echo \"entry ${{e##*/}}\"; fi; done\n\
+         true\n"
     );
     let out = t.run_checked("gc query", &script, timeout)?;
     let mut pinned: BTreeSet<String> = BTreeSet::new();
@@ -1469,7 +1554,8 @@ fn bounded<T: Sync, R: Send>(
         .collect()
 }
 
-/// The same error, told for another target of the same system.
+/// The same error, told for another target of the same system, with the
+/// exit code of the original.
 fn for_target(e: &DeployError, target: &str) -> DeployError {
     match e {
         DeployError::WrongSystem {
@@ -1483,9 +1569,10 @@ fn for_target(e: &DeployError, target: &str) -> DeployError {
             target_system: target_system.clone(),
             host: host.clone(),
         },
-        other => DeployError::Target {
+        other => DeployError::Repeated {
             target: target.to_string(),
             message: other.to_string(),
+            code: crate::error::deploy_exit_code(other),
         },
     }
 }
@@ -1557,49 +1644,57 @@ pub fn deploy_fleet(
         closures.insert(p.system.clone(), c);
     }
 
-    let work: Vec<(usize, &String)> = targets.iter().enumerate().collect();
-    let results: Vec<TargetResult> = bounded(&work, parallel, |(i, target)| {
-        let target = target.as_str();
-        let p = match &probed[*i] {
-            Err(e) => {
-                return TargetResult {
-                    target: target.to_string(),
-                    system: None,
-                    result: Err(for_target(e, target)),
-                };
+    // Deploy every probed target, at most `parallel` at once.
+    let work: Vec<(&String, &Probed)> = targets
+        .iter()
+        .zip(&probed)
+        .filter_map(|(t, p)| p.as_ref().ok().map(|p| (t, p)))
+        .collect();
+    let deployed: Vec<Result<DeployReport, DeployError>> =
+        bounded(&work, parallel, |(target, p)| {
+            let target = target.as_str();
+            let result = match closures.get(&p.system) {
+                None => Err(skipped(target)),
+                Some(Err(e)) => Err(for_target(e, target)),
+                Some(Ok(_)) if fail_fast && stop.load(Ordering::Relaxed) => Err(skipped(target)),
+                Some(Ok(closure)) => {
+                    fleet.target_event(target, TargetEvent::Deploying);
+                    deploy_realised(
+                        p.transport.as_ref(),
+                        &prepared,
+                        &p.probe,
+                        &p.system,
+                        closure,
+                        opts,
+                        start,
+                    )
+                }
+            };
+            match &result {
+                Ok(r) => fleet.target_event(target, TargetEvent::Done(r)),
+                Err(e) => {
+                    stop.store(true, Ordering::Relaxed);
+                    fleet.target_event(target, TargetEvent::Failed(e));
+                }
             }
-            Ok(p) => p,
-        };
-        let system = Some(p.system.to_string());
-        let result = match closures.get(&p.system) {
-            None => Err(skipped(target)),
-            Some(Err(e)) => Err(for_target(e, target)),
-            Some(Ok(_)) if fail_fast && stop.load(Ordering::Relaxed) => Err(skipped(target)),
-            Some(Ok(closure)) => {
-                fleet.target_event(target, TargetEvent::Deploying);
-                deploy_realised(
-                    p.transport.as_ref(),
-                    &prepared,
-                    &p.probe,
-                    &p.system,
-                    closure,
-                    opts,
-                    start,
-                )
-            }
-        };
-        match &result {
-            Ok(r) => fleet.target_event(target, TargetEvent::Done(r)),
-            Err(e) => {
-                stop.store(true, Ordering::Relaxed);
-                fleet.target_event(target, TargetEvent::Failed(e));
-            }
-        }
-        TargetResult {
-            target: target.to_string(),
-            system,
-            result,
-        }
-    });
+            result
+        });
+    let mut deployed = deployed.into_iter();
+    let results = targets
+        .iter()
+        .zip(probed)
+        .map(|(target, p)| match p {
+            Err(e) => TargetResult {
+                target: target.clone(),
+                system: None,
+                result: Err(e),
+            },
+            Ok(p) => TargetResult {
+                target: target.clone(),
+                system: Some(p.system.to_string()),
+                result: deployed.next().unwrap_or_else(|| Err(skipped(target))),
+            },
+        })
+        .collect();
     Ok(results)
 }

@@ -33,6 +33,7 @@ pub fn probe() -> String {
 printf 'kernel=%s\n' "$(uname -s)"
 printf 'home=%s\n' "$HOME"
 printf 'uid=%s\n' "$(id -u)"
+if [ -d /run/systemd/system ]; then echo 'has=systemd-running'; fi
 for t in rsync systemctl setsid base64 sha256sum; do
   if command -v "$t" >/dev/null 2>&1; then printf 'has=%s\n' "$t"; fi
 done
@@ -97,20 +98,29 @@ pub fn state(
     names: &[String],
     files: &[Watched],
     dirs_to_create: &[PathBuf],
+    roll_forward: bool,
 ) -> String {
     let mut s = String::new();
     let d = q(&layout.stack_dir);
     let st = q(&layout.store);
     let _ = writeln!(s, "D={d}\nS={st}");
-    // Roll an interrupted commit forward first.
-    s.push_str(
-        r#"for j in "$D"/.journal-*.sh; do
+    if roll_forward {
+        // Only under the stack's lock: roll an interrupted commit forward
+        // first.
+        s.push_str(
+            r#"for j in "$D"/.journal-*.sh; do
   [ -e "$j" ] || continue
   printf 'rolled-forward %s\n' "${j##*/}"
   sh "$j" >>"$j.log" 2>&1 || { mv -f "$j" "$j.failed"; printf 'journal-failed %s\n' "${j##*/}"; }
 done
 "#,
-    );
+        );
+    } else {
+        s.push_str(
+            r#"for j in "$D"/.journal-*.sh; do [ -e "$j" ] && printf 'pending-journal %s\n' "${j##*/}"; done
+"#,
+        );
+    }
     for dir in dirs_to_create {
         let _ = writeln!(
             s,
@@ -137,6 +147,14 @@ fi
         for p in &f.parents {
             let _ = writeln!(s, "[ ! -L {p} ] || printf 'unsafe {i} %s\\n' {p}", p = q(p));
         }
+        if let Some(parent) = f.path.parent() {
+            // The nearest existing ancestor must be writable for a write.
+            let _ = writeln!(
+                s,
+                "d={p}; while [ ! -e \"$d\" ] && [ \"$d\" != / ]; do d=${{d%/*}}; [ -n \"$d\" ] || d=/; done; [ -w \"$d\" ] || printf 'unwritable-file {i} %s\\n' \"$d\"",
+                p = q(parent)
+            );
+        }
         let p = q(&f.path);
         let _ = writeln!(
             s,
@@ -150,9 +168,15 @@ fi
 #[derive(Debug, Clone, Default)]
 pub struct State {
     pub rolled_forward: Vec<String>,
+    /// Interrupted commits seen but not rolled forward (no lock held).
+    pub pending_journals: Vec<String>,
+    /// (file index, the directory that cannot be written)
+    pub unwritable_files: Vec<(usize, String)>,
     pub journal_failed: Vec<String>,
     pub unwritable: Vec<String>,
     pub generations: Vec<u64>,
+    /// Generations whose activation failed (`gen-NNN.failed.json`).
+    pub failed_generations: Vec<u64>,
     pub current: Option<String>,
     pub current_json: Option<Vec<u8>>,
     pub missing: Vec<String>,
@@ -186,11 +210,21 @@ impl State {
             let (word, rest) = line.split_once(' ').unwrap_or((line, ""));
             match word {
                 "rolled-forward" => st.rolled_forward.push(rest.to_string()),
+                "pending-journal" => st.pending_journals.push(rest.to_string()),
+                "unwritable-file" => {
+                    if let Some((i, d)) = rest.split_once(' ')
+                        && let Ok(i) = i.parse()
+                    {
+                        st.unwritable_files.push((i, d.to_string()));
+                    }
+                }
                 "journal-failed" => st.journal_failed.push(rest.to_string()),
                 "unwritable" => st.unwritable.push(rest.to_string()),
                 "gen" => {
                     if let Some(n) = super::generation::Generation::number_of(rest) {
                         st.generations.push(n);
+                    } else if let Some(n) = super::generation::Generation::failed_number_of(rest) {
+                        st.failed_generations.push(n);
                     }
                 }
                 "current" => st.current = Some(rest.to_string()),
@@ -217,7 +251,20 @@ impl State {
         }
         st.generations.sort_unstable();
         st.generations.dedup();
+        st.failed_generations.sort_unstable();
         st
+    }
+
+    /// The number the next generation gets: after every generation,
+    /// failed ones included.
+    pub fn next_number(&self) -> u64 {
+        self.generations
+            .iter()
+            .chain(&self.failed_generations)
+            .max()
+            .copied()
+            .unwrap_or(0)
+            + 1
     }
 }
 
@@ -265,6 +312,21 @@ pub fn commit(c: &Commit<'_>) -> String {
     let journal = d.join(format!(".journal-{:03}.sh", c.number));
     let mut s = String::new();
     s.push_str("set -e\n");
+    // A failure before the journal exists leaves nothing behind: no
+    // pushed temporaries, no staged files.
+    let mut cleanup = String::from("cleanup() {\n");
+    if let Some((dir, _)) = &c.pushed {
+        let _ = writeln!(
+            cleanup,
+            "  chmod -R u+w {p} 2>/dev/null; rm -rf {p}",
+            p = q(dir)
+        );
+    }
+    for w in &c.writes {
+        let _ = writeln!(cleanup, "  rm -f {}", q(&staged_name(&w.path, c.number)));
+    }
+    cleanup.push_str("  :\n}\ntrap 'cleanup' EXIT\n");
+    s.push_str(&cleanup);
     let _ = writeln!(s, "mkdir -p {}", q(d));
     // Stage.
     for w in &c.writes {
@@ -337,6 +399,8 @@ pub fn commit(c: &Commit<'_>) -> String {
     j.push_str("rm -f \"$0.paused\" \"$0\"\n");
 
     s.push_str(&write_staged(&journal, j.as_bytes(), 0o700));
+    // From here on the journal owns the temporaries.
+    s.push_str("trap - EXIT\n");
     if c.pause_before_flip {
         let _ = writeln!(
             s,
@@ -350,7 +414,7 @@ pub fn commit(c: &Commit<'_>) -> String {
     let jq = q(&journal);
     let _ = writeln!(
         s,
-        "J={jq}\nset +e\nif command -v setsid >/dev/null 2>&1; then\n  setsid sh -c 'sh \"$1\" >\"$1.log\" 2>&1 || mv -f \"$1\" \"$1.failed\"' punix-journal \"$J\" </dev/null >/dev/null 2>&1 &\nelse\n  (trap '' HUP; sh \"$J\" >\"$J.log\" 2>&1 || mv -f \"$J\" \"$J.failed\") </dev/null >/dev/null 2>&1 &\nfi\ni=0\nwhile [ -e \"$J\" ]; do\n  i=$((i+1)); [ \"$i\" -le {} ] || {{ echo 'the commit journal is still running' >&2; exit 75; }}\n  sleep 0.05\ndone\nif [ -e \"$J.failed\" ]; then cat \"$J.log\" >&2; rm -f \"$J.failed\"; exit 1; fi\nrm -f \"$J.log\"\necho committed",
+        "J={jq}\nset +e\nif command -v setsid >/dev/null 2>&1; then\n  setsid sh -c 'sh \"$1\" >\"$1.log\" 2>&1 || mv -f \"$1\" \"$1.failed\"' punix-journal \"$J\" </dev/null >/dev/null 2>&1 &\nelse\n  (trap '' HUP; sh \"$J\" >\"$J.log\" 2>&1 || mv -f \"$J\" \"$J.failed\") </dev/null >/dev/null 2>&1 &\nfi\ni=0\nwhile [ -e \"$J\" ]; do\n  i=$((i+1)); [ \"$i\" -le {} ] || {{ echo 'the commit journal is still running' >&2; exit 75; }}\n  sleep 0.05\ndone\nif [ -e \"$J.failed\" ]; then cat \"$J.log\" >&2; echo \"(the journal is kept as $J.failed)\" >&2; exit 1; fi\nrm -f \"$J.log\"\necho committed",
         c.wait_secs * 20
     );
     s

@@ -330,12 +330,12 @@ fn drift_is_reported_and_repaired_without_a_new_generation() {
     );
     assert!(
         s.stdout
-            .contains("drift: /etc/systemd/system/app.service changed"),
+            .contains("drift: /etc/systemd/system/app.service is missing on the target"),
         "{}",
         s.stdout
     );
     let r = deploy(&t, &[]).success();
-    assert!(r.stdout.contains("repaired drift"), "{}", r.stdout);
+    assert!(r.stdout.contains("updated what differed"), "{}", r.stdout);
     assert!(r.stdout.contains("gen-001 stays current"), "{}", r.stdout);
     assert!(!on_target(&t, "/srv/deploy/Web/gen-002.json").exists());
     assert_eq!(
@@ -613,13 +613,25 @@ fn a_journal_killed_between_generation_write_and_flip_is_rolled_forward() {
     assert!(journal.exists(), "the journal survives the crash");
     assert_eq!(current(&t).as_deref(), Some("gen-001.json"));
     assert_store_whole(&t);
-    // The next command that looks at the target completes the commit.
+    // `status` holds no lock: it reports the interrupted commit.
     let s = service(&t, "status", &[]).success();
     assert!(
-        s.stdout.contains("completed an interrupted commit"),
+        s.stdout
+            .contains("an interrupted commit is pending (.journal-002.sh)"),
         "{}",
         s.stdout
     );
+    assert!(journal.exists());
+    // The next deploy, under the lock, completes it first.
+    let r = deploy(&t, &[]).success();
+    assert!(
+        r.stderr
+            .contains("completed an interrupted commit first: .journal-002.sh"),
+        "{}",
+        r.stderr
+    );
+    assert!(r.stdout.contains("gen-002 already current"), "{}", r.stdout);
+    let s = service(&t, "status", &[]).success();
     assert!(s.stdout.contains("* gen-002"), "{}", s.stdout);
     assert!(s.stdout.contains("no drift"), "{}", s.stdout);
     assert!(!journal.exists());
