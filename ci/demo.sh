@@ -15,7 +15,7 @@ export PUNIX_STORE_DIR="$demo/store"
 export DEMO_API_TOKEN="demo-token-$$"      # the stack's secret (from-env)
 target="$demo/target"
 
-run() { echo "\$ $*" | sed "s|$demo|\$DEMO|g"; "$@"; echo; }
+run() { echo "\$ $*" | sed "s|$demo|\$DEMO|g"; "$@" 2>&1 | sed "s|$demo|\$DEMO|g"; echo; }
 
 run "$punix" service deploy Demo --file examples/ --transport-root "$target" --deployments-root /srv/deploy
 run "$punix" service deploy Demo --file examples/ --transport-root "$target" --deployments-root /srv/deploy

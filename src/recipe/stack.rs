@@ -851,7 +851,7 @@ pub(super) fn check_refs(
                 } else if !service_names.contains(d.value.as_str()) {
                     diags.push(
                         src.diag(d.span.clone(), format!("service `{svc}` depends on `{}`, which is not a service of stack `{stack}`", d.value))
-                            .with_hint_opt(did_you_mean(&d.value, service_names.iter().copied())
+                            .with_hint_opt(did_you_mean(&d.value, service_names.iter().copied().filter(|n| *n != svc.as_str()))
                                 .or_else(|| Some(format!("the services are: {}", service_names.iter().copied().collect::<Vec<_>>().join(", "))))),
                     );
                 }
