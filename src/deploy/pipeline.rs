@@ -978,6 +978,34 @@ pub fn rollback(t: &dyn Transport, opts: &RollbackOptions) -> Result<DeployRepor
     rollback_locked(t, opts, &probe)
 }
 
+/// Query the target about a generation (one round trip): which of its
+/// pinned store paths are missing there, and its files as they are. Also
+/// returns the entry names and file paths, in the order of the answer.
+fn generation_state(
+    t: &dyn Transport,
+    lay: &Layout,
+    g: &Generation,
+    roll_forward: bool,
+    timeout: Duration,
+) -> Result<(State, Vec<String>, Vec<PathBuf>), DeployError> {
+    let names: Vec<String> = g
+        .store_paths
+        .iter()
+        .filter_map(|p| {
+            Path::new(p)
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+        })
+        .collect();
+    let paths: Vec<PathBuf> = g.files.iter().map(|f| f.path.clone()).collect();
+    let out = t.run_checked(
+        "state query",
+        &remote::state(lay, &names, &watched(t, &paths), &[], roll_forward),
+        timeout,
+    )?;
+    Ok((State::parse(&out.stdout, paths.len()), names, paths))
+}
+
 fn read_generation(
     t: &dyn Transport,
     stack_dir: &Path,
@@ -1115,22 +1143,7 @@ fn rollback_locked(
     let target_gen = read_generation(t, &stack_dir, to, opts.timeout)?;
 
     // Check the pinned paths ON THE TARGET, and the files as they are.
-    let names: Vec<String> = target_gen
-        .store_paths
-        .iter()
-        .filter_map(|p| {
-            Path::new(p)
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-        })
-        .collect();
-    let paths: Vec<PathBuf> = target_gen.files.iter().map(|f| f.path.clone()).collect();
-    let out = t.run_checked(
-        "state query",
-        &remote::state(&lay, &names, &watched(t, &paths), &[], true),
-        opts.timeout,
-    )?;
-    let st2 = State::parse(&out.stdout, paths.len());
+    let (st2, names, paths) = generation_state(t, &lay, &target_gen, true, opts.timeout)?;
     if !st2.missing.is_empty() {
         return Err(DeployError::RollbackMissingPaths {
             stack: opts.stack.clone(),
@@ -1347,22 +1360,7 @@ pub fn status(
         }
     }
     if let Some(c) = &current {
-        let names: Vec<String> = c
-            .store_paths
-            .iter()
-            .filter_map(|p| {
-                Path::new(p)
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-            })
-            .collect();
-        let paths: Vec<PathBuf> = c.files.iter().map(|f| f.path.clone()).collect();
-        let out = t.run_checked(
-            "state query",
-            &remote::state(&lay, &names, &watched(t, &paths), &[], false),
-            timeout,
-        )?;
-        let st2 = State::parse(&out.stdout, paths.len());
+        let (st2, _, _) = generation_state(t, &lay, c, false, timeout)?;
         report.missing_paths = st2.missing;
         for (f, (h, m)) in c.files.iter().zip(&st2.files) {
             let mode_ok = u32::from_str_radix(m, 8).ok() == Some(f.mode_bits());

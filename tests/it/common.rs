@@ -84,7 +84,12 @@ impl Test {
     }
 
     pub fn run(&self, args: &[&str]) -> Run {
-        let out = self.cmd().args(args).output().unwrap();
+        self.run_cmd(self.cmd().args(args))
+    }
+
+    /// Run a prepared command and capture its output.
+    pub fn run_cmd(&self, cmd: &mut Command) -> Run {
+        let out = cmd.output().unwrap();
         Run {
             stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
             stderr: String::from_utf8_lossy(&out.stderr).into_owned(),

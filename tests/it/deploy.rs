@@ -67,32 +67,13 @@ fn root(t: &Test) -> PathBuf {
 
 fn deploy(t: &Test, extra: &[&str]) -> Run {
     let pkgs = t.pkgs();
-    let root = root(t);
-    let mut args = vec![
-        "service",
-        "deploy",
-        "Web",
-        "--file",
-        pkgs.to_str().unwrap(),
-        "--transport-root",
-        root.to_str().unwrap(),
-        "--deployments-root",
-        "/srv/deploy",
-    ];
+    let mut args = vec!["--file", pkgs.to_str().unwrap()];
     args.extend_from_slice(extra);
-    let out = t
-        .cmd()
-        .args(&args)
-        .env("APP_TOKEN", SECRET)
-        .output()
-        .unwrap();
-    Run {
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        out,
-    }
+    service(t, "deploy", &args)
 }
 
+/// `punix service CMD Web --transport-root ... ARGS` with the stack's
+/// secret in the environment.
 fn service(t: &Test, cmd: &str, extra: &[&str]) -> Run {
     let root = root(t);
     let mut args = vec![
@@ -105,17 +86,7 @@ fn service(t: &Test, cmd: &str, extra: &[&str]) -> Run {
         "/srv/deploy",
     ];
     args.extend_from_slice(extra);
-    let out = t
-        .cmd()
-        .args(&args)
-        .env("APP_TOKEN", SECRET)
-        .output()
-        .unwrap();
-    Run {
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        out,
-    }
+    t.run_cmd(t.cmd().args(&args).env("APP_TOKEN", SECRET))
 }
 
 fn on_target(t: &Test, p: &str) -> PathBuf {
