@@ -548,6 +548,11 @@ fn pulls_a_tree_back(f: &Fixture) {
         if name.contains("lib") {
             assert!(stats.bytes_received > 100_000, "{stats:?}");
         }
+        // Owned by this process's user, whoever owns it there.
+        use std::os::unix::fs::MetadataExt;
+        // SAFETY: geteuid cannot fail.
+        let me = unsafe { libc::geteuid() };
+        assert_eq!(std::fs::metadata(&dst).expect("stat").uid(), me);
     }
     // One round trip each.
     assert_eq!(f.t.counters().round_trips - before, names.len() as u64);

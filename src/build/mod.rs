@@ -43,6 +43,54 @@ pub enum Event<'a> {
 /// Receives build events; called from worker threads.
 pub trait Observer: Sync {
     fn event(&self, event: Event<'_>);
+
+    /// Where a derivation is about to be built and why not elsewhere
+    /// (build-farm routing, `--explain`). Ignored unless overridden.
+    fn placed(&self, _placement: &Placement) {}
+}
+
+/// A machine passed over for a derivation, and why.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Rejection {
+    /// `local`, or a builder's name.
+    pub machine: String,
+    pub reason: String,
+}
+
+/// Where one derivation was (or is to be) built, and why every other
+/// candidate was not chosen.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Placement {
+    pub module: String,
+    pub name: String,
+    pub system: String,
+    /// `local`, or the builder's name.
+    pub machine: String,
+    /// How it is reached: `this machine` or the builder's URL.
+    pub via: String,
+    /// Why this one: `first choice`, or its place in the ranking.
+    pub why: String,
+    /// The other candidates, in the order they were considered.
+    pub rejected: Vec<Rejection>,
+}
+
+impl Placement {
+    /// The `--explain` lines: the choice, then each rejected machine.
+    pub fn explain(&self) -> String {
+        let short = self.name.get(33..).unwrap_or(&self.name);
+        let mut s = format!(
+            "{module} ({short}, {system}): built on {machine} ({via}): {why}",
+            module = self.module,
+            system = self.system,
+            machine = self.machine,
+            via = self.via,
+            why = self.why
+        );
+        for r in &self.rejected {
+            s.push_str(&format!("\n  - not {}: {}", r.machine, r.reason));
+        }
+        s
+    }
 }
 
 /// An observer that ignores everything.
@@ -75,6 +123,16 @@ pub enum BuildError {
         system: String,
         host: String,
         modules: Vec<String>,
+    },
+    #[error("{}", no_machine(.system, .modules, .rejected, .registry.as_deref()))]
+    NoMachine {
+        system: String,
+        /// The packages that need such a machine.
+        modules: Vec<String>,
+        /// This machine and every registered builder, with the reason.
+        rejected: Vec<Rejection>,
+        /// The builder registry that was read, for the message.
+        registry: Option<PathBuf>,
     },
     #[error("package `{module}` needs the machine feature(s) {missing}, which this machine does not offer\n  hint: list the features this machine has under `features` in ~/.config/punix/config.toml", missing = .missing.iter().map(|f| format!("`{f}`")).collect::<Vec<_>>().join(", "))]
     MissingFeatures {
@@ -109,6 +167,47 @@ pub enum BuildError {
     },
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+/// The message of [`BuildError::NoMachine`].
+fn no_machine(
+    system: &str,
+    modules: &[String],
+    rejected: &[Rejection],
+    registry: Option<&Path>,
+) -> String {
+    let host = crate::platform::System::host().to_string();
+    let what = format!("{} package(s): {}", modules.len(), modules.join(", "));
+    let mut s = if host != system {
+        format!(
+            "building for `{system}` needs a machine of that system, and this one is `{host}` ({what}); no registered builder can take it"
+        )
+    } else {
+        format!("no machine can build for `{system}` ({what})")
+    };
+    for r in rejected {
+        if host != system && r.machine == "local" && r.reason.starts_with("wrong system") {
+            continue;
+        }
+        s.push_str(&format!("\n  - {}: {}", r.machine, r.reason));
+    }
+    let builders = rejected.iter().filter(|r| r.machine != "local").count();
+    if builders == 0 {
+        match registry {
+            Some(p) => s.push_str(&format!(
+                "\n  - no builders are registered (in `{}`)",
+                p.display()
+            )),
+            None => s.push_str("\n  - no builders are registered"),
+        }
+    }
+    if rejected.iter().any(|r| r.reason.contains("feature(s)")) {
+        s.push_str("\n  hint: list the features a machine offers: this one's under `features` in ~/.config/punix/config.toml, a builder's with `punix builders add NAME URL --features a,b`");
+    }
+    s.push_str(&format!(
+        "\n  hint: register a machine that builds for `{system}`: `punix builders add NAME ssh://USER@HOST` (see docs/build-farm.md), or build on CI runners of that architecture with `punix ci matrix` and import the result (docs/cross-arch.md); emulation (QEMU) is never used silently"
+    ));
+    s
 }
 
 /// The message of a rejected output.

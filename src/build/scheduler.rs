@@ -16,8 +16,8 @@ use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use super::local::{self, Outcome};
-use super::plan::Plan;
-use super::{BuildError, Event, Observer};
+use super::plan::{Node, Plan};
+use super::{BuildError, Event, Observer, Placement};
 use crate::store::Store;
 use crate::store::lock::LockMode;
 
@@ -60,7 +60,49 @@ pub struct Report {
     pub swept: usize,
     /// The gc root links made (or already there) for the requested packages.
     pub roots: Vec<std::path::PathBuf>,
+    /// Where each entry this run built was built, and why not elsewhere
+    /// (empty for a plain local run).
+    pub placements: Vec<Placement>,
     pub seconds: f64,
+}
+
+/// What runs one build: this machine ([`LocalRunner`]), or the build
+/// farm's router, which picks a machine per derivation.
+pub trait Runner: Sync {
+    /// How many builds to run at once for `need` entries to build.
+    fn workers(&self, need: usize) -> usize;
+    /// Build `node` (its inputs are valid), taking its entry lock;
+    /// `workers` builds run at once.
+    fn run(&self, node: &Node, workers: usize) -> Result<Outcome, BuildError>;
+}
+
+/// Every build on this machine: `jobs` at once, the cores shared among
+/// them.
+pub struct LocalRunner<'a> {
+    store: &'a Store,
+    jobs: usize,
+    cores: usize,
+}
+
+impl<'a> LocalRunner<'a> {
+    /// A runner into `store` under `options`.
+    pub fn new(store: &'a Store, options: &Options) -> LocalRunner<'a> {
+        LocalRunner {
+            store,
+            jobs: options.jobs.max(1),
+            cores: options.cores,
+        }
+    }
+}
+
+impl Runner for LocalRunner<'_> {
+    fn workers(&self, need: usize) -> usize {
+        self.jobs.min(need).max(1)
+    }
+
+    fn run(&self, node: &Node, workers: usize) -> Result<Outcome, BuildError> {
+        local::build_node(self.store, node, cores_per_build(self.cores, workers))
+    }
 }
 
 /// The cores each build is told it may use when `workers` run at once.
@@ -87,12 +129,29 @@ struct State {
     report: Report,
 }
 
-/// Build what `plan` lacks in `store`.
+/// Build what `plan` lacks in `store`, on this machine.
 pub fn realise(
     store: &Store,
     plan: &Plan,
     options: &Options,
     observer: &dyn Observer,
+) -> Result<Report, BuildError> {
+    realise_with(
+        store,
+        plan,
+        options,
+        observer,
+        &LocalRunner::new(store, options),
+    )
+}
+
+/// Build what `plan` lacks in `store`, each build through `runner`.
+pub fn realise_with(
+    store: &Store,
+    plan: &Plan,
+    options: &Options,
+    observer: &dyn Observer,
+    runner: &dyn Runner,
 ) -> Result<Report, BuildError> {
     let start = Instant::now();
     let mut need = missing(store, plan);
@@ -161,8 +220,7 @@ pub fn realise(
         },
     });
     let wake = Condvar::new();
-    let workers = options.jobs.max(1).min(need.len());
-    let cores = cores_per_build(options.cores, workers);
+    let workers = runner.workers(need.len()).clamp(1, need.len());
 
     std::thread::scope(|scope| {
         for _ in 0..workers {
@@ -193,7 +251,7 @@ pub fn realise(
                         name: &name,
                     });
                     let t0 = Instant::now();
-                    let result = local::build_node(store, node, cores);
+                    let result = runner.run(node, workers);
                     let Ok(mut st) = state.lock() else { return };
                     st.running -= 1;
                     match result {

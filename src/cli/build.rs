@@ -1,18 +1,24 @@
-//! `punix build`.
+//! `punix build`: plan, then build each missing derivation where the
+//! routing rules put it (this machine or a registered builder; see
+//! `punix::farm::route`).
 
 use std::path::PathBuf;
+use std::sync::Mutex;
 
 use clap::Args;
 use serde_json::json;
 
 use super::{Context, print_json, progress::Renderer, recipes_path};
 use punix::Error;
-use punix::build::BuildError;
 use punix::build::plan::{Plan, plan};
 use punix::build::scheduler::{self, Options};
+use punix::build::{Event, Observer, Placement};
+use punix::farm::Registry;
+use punix::farm::route::{self, RouteOptions};
 use punix::platform::System;
 use punix::recipe;
 use punix::store::Store;
+use punix::transport::ssh::{SshOptions, SshTarget, SshTransport};
 
 #[derive(Debug, Args)]
 pub struct BuildArgs {
@@ -22,12 +28,41 @@ pub struct BuildArgs {
 
     /// Build for this system (`x86_64-linux`, `aarch64-linux`, ...)
     /// [default: this machine's]
-    #[arg(long, value_name = "SYSTEM")]
+    #[arg(long, value_name = "SYSTEM", conflicts_with = "target")]
     pub system: Option<String>,
 
-    /// Builds at once [default: the number of cores].
-    #[arg(long, short = 'j', value_name = "N")]
+    /// Build for the system of this host (`ssh://USER@HOST[:PORT]`), read
+    /// with `uname` over SSH.
+    #[arg(long, value_name = "URL")]
+    pub target: Option<String>,
+
+    /// The SSH identity for `--target`.
+    #[arg(long, value_name = "FILE", requires = "target")]
+    pub key: Option<PathBuf>,
+
+    /// Check `--target`'s host key against this file only (strict checking
+    /// always).
+    #[arg(long, value_name = "FILE", requires = "target")]
+    pub known_hosts: Option<PathBuf>,
+
+    /// Builds at once on this machine [default: the number of cores]; 0
+    /// builds nothing here, only on builders.
+    #[arg(long, short = 'j', visible_alias = "max-jobs", value_name = "N")]
     pub jobs: Option<usize>,
+
+    /// Build only on registered builders, never on this machine.
+    #[arg(long)]
+    pub builders_only: bool,
+
+    /// The builder registry [default: $PUNIX_BUILDERS, else
+    /// ~/.punix/builders.toml].
+    #[arg(long, value_name = "FILE")]
+    pub builders: Option<PathBuf>,
+
+    /// Say for each package where it is built and why not elsewhere (also
+    /// with `-v`).
+    #[arg(long)]
+    pub explain: bool,
 
     /// Go on with independent builds after a failure.
     #[arg(long, short = 'k')]
@@ -59,25 +94,66 @@ pub fn parse_system(s: Option<&str>) -> Result<System, Error> {
     }
 }
 
+/// The system of `--target`: one connection, one `uname` round trip.
+fn target_system(args: &BuildArgs, url: &str) -> Result<System, Error> {
+    let target = SshTarget::parse(url).map_err(Error::Usage)?;
+    let opts = SshOptions {
+        key: args.key.clone(),
+        known_hosts: args.known_hosts.clone(),
+        connect_timeout: route::CONNECT_TIMEOUT,
+        ..SshOptions::default()
+    };
+    let t = SshTransport::connect(&target, &opts)?;
+    let system = route::target_system(&t)?;
+    eprintln!("{target} runs {system}");
+    Ok(system)
+}
+
+/// The registry, or an empty one when there is no place to look for it
+/// (no `HOME`, no `--builders`, no `PUNIX_BUILDERS`).
+fn load_registry(flag: Option<&std::path::Path>) -> Result<Registry, Error> {
+    match Registry::path_from(flag) {
+        Ok(path) => Ok(Registry::load(&path)?),
+        Err(_) if flag.is_none() => Ok(Registry::default()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Forwards build events to the renderer and keeps the placements.
+struct Explaining<'a> {
+    inner: &'a Renderer,
+    placements: Mutex<Vec<Placement>>,
+}
+
+impl Observer for Explaining<'_> {
+    fn event(&self, event: Event<'_>) {
+        self.inner.event(event);
+    }
+
+    fn placed(&self, placement: &Placement) {
+        let mut all = self.placements.lock().unwrap_or_else(|e| e.into_inner());
+        all.retain(|p| p.name != placement.name);
+        all.push(placement.clone());
+    }
+}
+
 pub fn run(cx: &Context, args: BuildArgs) -> Result<(), Error> {
     let path = recipes_path(args.file.as_deref())?;
     let recipes = recipe::load(&path)?;
-    let system = parse_system(args.system.as_deref())?;
+    let system = match &args.target {
+        Some(url) => target_system(&args, url)?,
+        None => parse_system(args.system.as_deref())?,
+    };
     let store = Store::new(&cx.store_root)?;
     if recipes.packages.is_empty() && args.modules.is_empty() {
         return no_packages(&path, &system, &store, args.json, args.dry_run);
     }
     let plan = plan(&recipes, store.root(), &system, &args.modules)?;
-    let host = System::host();
     let need = scheduler::missing(&store, &plan);
-
-    check_buildable(cx, &plan, &need, &host)?;
-
-    if args.dry_run {
-        return print_dry_run(&plan, &need, args.json);
-    }
+    let explain = args.explain || cx.verbose;
 
     let mut options = Options::default();
+    let local = args.jobs != Some(0) && !args.builders_only;
     if let Some(j) = args.jobs {
         options.jobs = j.max(1);
     }
@@ -85,9 +161,59 @@ pub fn run(cx: &Context, args: BuildArgs) -> Result<(), Error> {
     // Made under the gc lock the builds hold, so gc cannot delete the
     // packages between their build and their root.
     options.add_roots = args.add_root;
+    let registry = if need.is_empty() {
+        Registry::default()
+    } else {
+        load_registry(args.builders.as_deref())?
+    };
+    let slots_dir =
+        route::default_slots_dir().unwrap_or_else(|_| store.root().join(".locks/slots"));
+    let mut route_opts = RouteOptions::new(options, slots_dir);
+    route_opts.local = local;
+    route_opts.local_features = cx.config.features.clone();
+    route_opts.registry = (!registry.path.as_os_str().is_empty()).then(|| registry.path.clone());
+
+    if args.dry_run {
+        print_dry_run(&plan, &need, args.json)?;
+        if explain && !args.json {
+            for (name, ok, rejected) in
+                route::explain_static(&plan, &need, &route_opts, &registry.builders)
+            {
+                let node = &plan.nodes[&name];
+                println!(
+                    "{} ({}): candidates: {}",
+                    node.module,
+                    name.get(33..).unwrap_or(&name),
+                    if ok.is_empty() {
+                        "none".to_string()
+                    } else {
+                        ok.join(", ")
+                    }
+                );
+                for r in rejected {
+                    println!("  - not {}: {}", r.machine, r.reason);
+                }
+            }
+        }
+        return Ok(());
+    }
+
     let renderer = Renderer::new(args.json, cx.verbose);
-    let result = scheduler::realise(&store, &plan, &options, &renderer);
+    let observer = Explaining {
+        inner: &renderer,
+        placements: Mutex::new(Vec::new()),
+    };
+    let result = route::realise_routed(&store, &plan, &route_opts, &registry.builders, &observer);
     renderer.finish();
+    if explain && !args.json {
+        let placements = observer
+            .placements
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        for p in placements.iter() {
+            eprintln!("{}", p.explain());
+        }
+    }
     let report = result?;
 
     let roots: serde_json::Map<String, serde_json::Value> = plan
@@ -96,12 +222,19 @@ pub fn run(cx: &Context, args: BuildArgs) -> Result<(), Error> {
         .map(|(m, n)| (m.clone(), json!(plan.entry_path(n))))
         .collect();
     if args.json {
+        let built_on: serde_json::Map<String, serde_json::Value> = report
+            .placements
+            .iter()
+            .map(|p| (p.name.clone(), json!(p.machine)))
+            .collect();
         print_json(&json!({
             "system": system.to_string(),
             "store_root": store.root(),
             "built": report.built,
             "present": report.present,
             "packages": roots,
+            "built_on": built_on,
+            "placements": report.placements,
             "seconds": report.seconds,
         }));
     } else {
@@ -112,8 +245,18 @@ pub fn run(cx: &Context, args: BuildArgs) -> Result<(), Error> {
                 report.seconds
             );
         } else {
+            let remote = report
+                .placements
+                .iter()
+                .filter(|p| p.machine != route::LOCAL && report.built.contains(&p.name))
+                .count();
+            let on = if remote > 0 {
+                format!(" ({remote} on builders)")
+            } else {
+                String::new()
+            };
             eprintln!(
-                "built {} package(s), {} already in the store, for {} in {:.2}s",
+                "built {} package(s){on}, {} already in the store, for {} in {:.2}s",
                 report.built.len(),
                 report.present.len(),
                 system,
@@ -122,40 +265,6 @@ pub fn run(cx: &Context, args: BuildArgs) -> Result<(), Error> {
         }
         for name in plan.roots.values() {
             println!("{}", plan.entry_path(name).display());
-        }
-    }
-    Ok(())
-}
-
-/// Refuse early what this machine cannot build: another system, or
-/// features it does not offer.
-fn check_buildable(cx: &Context, plan: &Plan, need: &[String], host: &System) -> Result<(), Error> {
-    if need.is_empty() {
-        return Ok(());
-    }
-    if &plan.system != host {
-        return Err(BuildError::NeedsMachine {
-            system: plan.system.to_string(),
-            host: host.to_string(),
-            modules: need.iter().map(|n| plan.nodes[n].module.clone()).collect(),
-        }
-        .into());
-    }
-    for name in need {
-        let node = &plan.nodes[name];
-        let missing: Vec<String> = node
-            .drv
-            .features
-            .iter()
-            .filter(|f| !cx.config.features.contains(f))
-            .cloned()
-            .collect();
-        if !missing.is_empty() {
-            return Err(BuildError::MissingFeatures {
-                module: node.module.clone(),
-                missing,
-            }
-            .into());
         }
     }
     Ok(())

@@ -226,7 +226,7 @@ impl Transport for LocalTransport {
         let mut dst = OsString::from(local.as_os_str());
         dst.push("/");
         let mut cmd = Command::new("rsync");
-        cmd.args(["-a", "--stats"])
+        cmd.args(["-a", "--no-owner", "--no-group", "--stats"])
             .arg(src)
             .arg(dst)
             .env("LC_ALL", "C");

@@ -162,7 +162,7 @@ pub trait Transport: Send + Sync {
     /// Copy the directory `remote` of the target (already rebased) to the
     /// local directory `local` in ONE rsync run: afterwards `local` holds
     /// what `remote` holds, with modes, executable bits and symlinks as
-    /// they are there. `local` is created if needed (its parent must
+    /// they are there, owned by this process's user. `local` is created if needed (its parent must
     /// exist); files already in it are updated, others left alone. A
     /// missing `remote` is an error.
     fn pull(&self, remote: &Path, local: &Path) -> Result<PullStats, TransportError>;

@@ -1008,7 +1008,7 @@ impl Transport for SshTransport {
         let mut dst = local.as_os_str().to_os_string();
         dst.push("/");
         let mut cmd = Command::new("rsync");
-        cmd.args(["-a", "--stats"])
+        cmd.args(["-a", "--no-owner", "--no-group", "--stats"])
             .arg(format!(
                 "--timeout={}",
                 inner.opts.op_timeout.as_secs().max(1)
