@@ -576,6 +576,17 @@ fn an_unreachable_first_builder_fails_over_to_the_next() {
             f.entry("h2", "x86_64-linux"),
         ],
     );
+    // And one whose host key is not in its known_hosts file.
+    let empty = f.path().join("empty_known_hosts");
+    fs::write(&empty, "").expect("write");
+    let mut text = fs::read_to_string(&reg).expect("read");
+    text.push_str(&format!(
+        "[[builder]]\nname = \"stranger\"\nurl = \"{}\"\nknown-hosts = \"{}\"\nkey = \"{}\"\nsystems = [\"x86_64-linux\"]\nspeed-factor = 20.0\n",
+        h1.url(&f.tb.user),
+        empty.display(),
+        f.tb.key.display()
+    ));
+    fs::write(&reg, text).expect("write");
     let out = f.build(&[
         "--builders-only",
         "--builders",
@@ -590,6 +601,10 @@ fn an_unreachable_first_builder_fails_over_to_the_next() {
     );
     assert!(err.contains("  - not down: unreachable:"), "{err}");
     assert!(err.contains("nothing listens on port 1"), "{err}");
+    assert!(
+        err.contains("  - not stranger: host key: cannot connect to"),
+        "{err}"
+    );
     assert!(err.contains("  - not local: local builds are off"), "{err}");
 }
 
@@ -825,4 +840,89 @@ fn a_remote_build_of_a_trivial_package_takes_few_round_trips() {
             Step::Verify
         ]
     );
+}
+
+#[test]
+fn builders_check_builds_on_each_builder_and_reports_every_step() {
+    let Some(f) = Farm::new("builders_check_builds_on_each_builder_and_reports_every_step") else {
+        return;
+    };
+    let _amd64 = amd64_lock();
+    let empty = f.path().join("empty_known_hosts");
+    fs::write(&empty, "").expect("write");
+    let reg = f.registry(
+        "builders.toml",
+        &[
+            f.entry("arm1", "aarch64-linux"),
+            f.entry("h1", "x86_64-linux"),
+        ],
+    );
+    let out = f
+        .cmd()
+        .args(["builders", "check", "--builders"])
+        .arg(&reg)
+        .output()
+        .expect("run");
+    ok(&out);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    eprintln!("{text}");
+    for step in [
+        "connect", "probe", "push", "build", "hash", "pull", "verify",
+    ] {
+        assert_eq!(
+            text.lines()
+                .filter(|l| l.trim_start().starts_with(&format!("pass  {step}")))
+                .count(),
+            2,
+            "{step}:\n{text}"
+        );
+    }
+    assert!(text.contains("`uname -m` there says `aarch64`"), "{text}");
+    assert!(text.contains("`uname -m` there says `x86_64`"), "{text}");
+    // Nothing is left in the store but its bookkeeping.
+    let store = f.store();
+    assert!(store.list().expect("list").is_empty());
+    // One builder by name, as JSON; then one whose host key is unknown and
+    // one that is down.
+    let out = f
+        .cmd()
+        .args(["builders", "check", "arm1", "--json", "--builders"])
+        .arg(&reg)
+        .output()
+        .expect("run");
+    ok(&out);
+    let v = json(&out);
+    assert_eq!(v["builders"][0]["name"], "arm1");
+    assert_eq!(v["builders"][0]["passed"], true);
+    assert_eq!(v["builders"][0]["steps"].as_array().map(Vec::len), Some(7));
+    let h2 = f.host("h2");
+    let mut text = fs::read_to_string(&reg).expect("read");
+    text.push_str(&format!(
+        "[[builder]]\nname = \"stranger\"\nurl = \"{}\"\nkey = \"{}\"\nknown-hosts = \"{}\"\nsystems = [\"x86_64-linux\"]\n\n[[builder]]\nname = \"down\"\nurl = \"ssh://{}@{}:1\"\nsystems = [\"x86_64-linux\"]\n",
+        h2.url(&f.tb.user),
+        f.tb.key.display(),
+        empty.display(),
+        f.tb.user,
+        h2.bracketed()
+    ));
+    fs::write(&reg, text).expect("write");
+    let out = f
+        .cmd()
+        .args(["builders", "check", "--builders"])
+        .arg(&reg)
+        .output()
+        .expect("run");
+    let err = fails(&out, 3);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    eprintln!("{text}{err}");
+    assert!(
+        err.contains(
+            "2 of 4 builder(s) failed the check: `stranger` (at `connect`), `down` (at `connect`)"
+        ),
+        "{err}"
+    );
+    assert!(text.contains("Host key verification failed"), "{text}");
+    assert!(text.contains("ssh-keyscan"), "{text}");
+    assert!(text.contains("nothing listens on port 1"), "{text}");
+    assert!(text.contains("  skip  build"), "{text}");
 }

@@ -87,7 +87,11 @@ impl Placement {
             why = self.why
         );
         for r in &self.rejected {
-            s.push_str(&format!("\n  - not {}: {}", r.machine, r.reason));
+            s.push_str(&format!(
+                "\n  - not {}: {}",
+                r.machine,
+                indent_lines(r.reason.trim_end())
+            ));
         }
         s
     }
@@ -169,6 +173,14 @@ pub enum BuildError {
     Internal(String),
 }
 
+/// Continuation lines of a list item, indented under it.
+fn indent_lines(text: &str) -> String {
+    text.lines()
+        .map(str::trim_start)
+        .collect::<Vec<_>>()
+        .join("\n      ")
+}
+
 /// The message of [`BuildError::NoMachine`].
 fn no_machine(
     system: &str,
@@ -189,7 +201,11 @@ fn no_machine(
         if host != system && r.machine == "local" && r.reason.starts_with("wrong system") {
             continue;
         }
-        s.push_str(&format!("\n  - {}: {}", r.machine, r.reason));
+        s.push_str(&format!(
+            "\n  - {}: {}",
+            r.machine,
+            indent_lines(r.reason.trim_end())
+        ));
     }
     let builders = rejected.iter().filter(|r| r.machine != "local").count();
     if builders == 0 {

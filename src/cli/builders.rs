@@ -111,6 +111,12 @@ pub struct CheckArgs {
     pub name: Option<String>,
     #[command(flatten)]
     pub registry: RegistryArgs,
+    /// Print one JSON object with each builder's steps.
+    #[arg(long)]
+    pub json: bool,
+    /// Seconds to wait for each SSH connection.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10)]
+    pub connect_timeout: u64,
 }
 
 fn parse_speed(s: &str) -> Result<f64, String> {
@@ -133,11 +139,128 @@ pub fn run(cx: &Context, cmd: BuildersCommand) -> Result<(), Error> {
     }
 }
 
-// F2: builders check — replace this placeholder with the real check.
-fn check(_cx: &Context, _a: CheckArgs) -> Result<(), Error> {
-    Err(Error::Usage(
-        "`punix builders check` is not yet available".into(),
+// F2: builders check.
+/// `punix builders check [NAME]`: a tiny real build on each builder (in
+/// parallel), brought back and verified, each step reported.
+fn check(cx: &Context, a: CheckArgs) -> Result<(), Error> {
+    use punix::farm::remote::{self, CheckReport};
+    let reg = a.registry.load()?;
+    let chosen: Vec<Builder> = match &a.name {
+        Some(n) => vec![reg.get(n).cloned().ok_or_else(|| FarmError::Unknown {
+            name: n.clone(),
+            path: reg.path.clone(),
+            hint: (!reg.builders.is_empty()).then(|| {
+                format!(
+                    "the registered builders are: {}",
+                    reg.builders
+                        .iter()
+                        .map(|b| format!("`{}`", b.name))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            }),
+        })?],
+        None => reg.builders.clone(),
+    };
+    if chosen.is_empty() {
+        if a.json {
+            print_json(&json!({ "registry": reg.path, "builders": [] }));
+        } else {
+            println!("no builders in {}", reg.path.display());
+            println!("  hint: add one with `punix builders add NAME ssh://USER@HOST[:PORT]`");
+        }
+        return Ok(());
+    }
+    let store = punix::store::Store::new(&cx.store_root)?;
+    let timeout = Duration::from_secs(a.connect_timeout);
+    if !a.json {
+        eprintln!(
+            "checking {} builder(s): a tiny build on each, brought back and verified ...",
+            chosen.len()
+        );
+    }
+    let reports: Vec<CheckReport> = std::thread::scope(|s| {
+        let handles: Vec<_> = chosen
+            .iter()
+            .map(|b| s.spawn(|| remote::check(&store, b, timeout)))
+            .collect();
+        handles
+            .into_iter()
+            .zip(&chosen)
+            .map(|(h, b)| {
+                h.join().unwrap_or_else(|_| CheckReport {
+                    builder: b.name.clone(),
+                    url: b.url.clone(),
+                    system: None,
+                    steps: Vec::new(),
+                })
+            })
+            .collect()
+    });
+    let failed: Vec<&CheckReport> = reports.iter().filter(|r| !r.passed()).collect();
+    if a.json {
+        print_json(&json!({
+            "registry": reg.path,
+            "builders": reports.iter().map(|r| json!({
+                "name": r.builder,
+                "url": r.url,
+                "system": r.system,
+                "passed": r.passed(),
+                "steps": r.steps,
+            })).collect::<Vec<_>>(),
+        }));
+    } else {
+        for r in &reports {
+            println!(
+                "{} ({}){}",
+                r.builder,
+                r.url,
+                r.system
+                    .as_ref()
+                    .map(|s| format!(": {s}"))
+                    .unwrap_or_default()
+            );
+            for st in &r.steps {
+                let (word, time) = match st.ok {
+                    Some(true) if st.step == remote::Step::Hash => ("pass", "        ".to_string()),
+                    Some(true) => ("pass", format!("{:>7.2}s", st.seconds)),
+                    Some(false) => ("FAIL", "        ".to_string()),
+                    None => ("skip", "        ".to_string()),
+                };
+                let detail = st.detail.replace('\n', "\n                          ");
+                println!("  {word}  {:<8}{time}  {detail}", st.step.as_str());
+            }
+            println!(
+                "  {}",
+                if r.passed() {
+                    "ok: it can build for punix".to_string()
+                } else {
+                    format!(
+                        "failed at `{}`",
+                        r.failed_step().map(|s| s.step.as_str()).unwrap_or("?")
+                    )
+                }
+            );
+        }
+    }
+    if failed.is_empty() {
+        return Ok(());
+    }
+    Err(punix::transport::TransportError::Other(format!(
+        "{} of {} builder(s) failed the check: {}",
+        failed.len(),
+        reports.len(),
+        failed
+            .iter()
+            .map(|r| format!(
+                "`{}` (at `{}`)",
+                r.builder,
+                r.failed_step().map(|s| s.step.as_str()).unwrap_or("?")
+            ))
+            .collect::<Vec<_>>()
+            .join(", ")
     ))
+    .into())
 }
 
 fn add(cx: &Context, a: AddArgs) -> Result<(), Error> {

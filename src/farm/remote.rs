@@ -69,7 +69,7 @@ const BUILD_DIR_PREFIX: &str = "punix-build-";
 const TMP_ALPHABET: &str = "ghijklmnopqrstuvwxyz";
 
 /// The steps of a remote build, as `punix builders check` reports them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Step {
     /// Open the SSH connection.
@@ -555,6 +555,228 @@ fn build_in(
         .map_err(rejected)?;
     on_step(Step::Verify, started.elapsed());
     Ok(Outcome::Built(installed))
+}
+
+/// One step of `punix builders check` and how it went.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StepResult {
+    pub step: Step,
+    /// `None`: not run, an earlier step failed.
+    pub ok: Option<bool>,
+    pub seconds: f64,
+    /// What it found, or why it failed.
+    pub detail: String,
+}
+
+/// What `punix builders check` found out about one builder.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CheckReport {
+    pub builder: String,
+    pub url: String,
+    pub system: Option<String>,
+    /// Every step, in order ([`Step::ALL`]).
+    pub steps: Vec<StepResult>,
+}
+
+impl CheckReport {
+    /// Whether every step passed.
+    pub fn passed(&self) -> bool {
+        self.steps.iter().all(|s| s.ok == Some(true))
+    }
+
+    /// The first step that failed.
+    pub fn failed_step(&self) -> Option<&StepResult> {
+        self.steps.iter().find(|s| s.ok == Some(false))
+    }
+}
+
+/// The script of the check build: a file, and what `uname -m` says.
+const CHECK_SCRIPT: &str = r#"mkdir -p "$out/share"
+echo "built by punix builders check" > "$out/share/hello"
+uname -m > "$out/share/machine"
+"#;
+
+/// `punix builders check`: connect to `b`, probe it, then build a tiny
+/// package on it (pushed, built, hashed there, pulled back, verified here)
+/// into `store`, and remove the result again. Never fails: each step's
+/// outcome is in the report.
+pub fn check(store: &Store, b: &super::Builder, connect_timeout: Duration) -> CheckReport {
+    use crate::store::derivation::{BuilderRef, DERIVATION_FORMAT, Derivation};
+    let mut report = CheckReport {
+        builder: b.name.clone(),
+        url: b.url.clone(),
+        system: None,
+        steps: Step::ALL
+            .iter()
+            .map(|&step| StepResult {
+                step,
+                ok: None,
+                seconds: 0.0,
+                detail: String::new(),
+            })
+            .collect(),
+    };
+    let set = |report: &mut CheckReport, step: Step, ok: bool, d: Duration, detail: String| {
+        if let Some(r) = report.steps.iter_mut().find(|r| r.step == step) {
+            r.ok = Some(ok);
+            r.seconds = d.as_secs_f64();
+            r.detail = detail;
+        }
+    };
+    let t0 = Instant::now();
+    let t = match super::probe::connect(b, connect_timeout) {
+        Ok(t) => t,
+        Err(e) => {
+            set(
+                &mut report,
+                Step::Connect,
+                false,
+                t0.elapsed(),
+                e.to_string(),
+            );
+            return report;
+        }
+    };
+    set(
+        &mut report,
+        Step::Connect,
+        true,
+        t0.elapsed(),
+        String::new(),
+    );
+    let t0 = Instant::now();
+    let status = super::probe::probe_over(&t, &b.name, store.root());
+    let problems = status.problems(store.root());
+    let Some(system) = status.system.clone().filter(|_| problems.is_empty()) else {
+        set(
+            &mut report,
+            Step::Probe,
+            false,
+            t0.elapsed(),
+            if problems.is_empty() {
+                "its system is unknown".into()
+            } else {
+                problems.join("; ")
+            },
+        );
+        return report;
+    };
+    report.system = Some(system.to_string());
+    let registered = b.systems.contains(&system);
+    set(
+        &mut report,
+        Step::Probe,
+        registered,
+        t0.elapsed(),
+        if registered {
+            format!(
+                "{system}, load {}",
+                status
+                    .load
+                    .map(|l| format!("{l:.2}"))
+                    .unwrap_or_else(|| "unknown".into())
+            )
+        } else {
+            format!(
+                "`uname` says `{system}`, which it is not registered for; remove it and add it again"
+            )
+        },
+    );
+    if !registered {
+        return report;
+    }
+    if let Err(e) = store.ensure_writable() {
+        set(
+            &mut report,
+            Step::Push,
+            false,
+            Duration::ZERO,
+            e.to_string(),
+        );
+        return report;
+    }
+    // A derivation of its own each time (the nonce), so it really builds.
+    let mut env = std::collections::BTreeMap::new();
+    env.insert(
+        "PUNIX_CHECK_NONCE".to_string(),
+        random_letters("builders-check"),
+    );
+    let drv = Derivation {
+        format: DERIVATION_FORMAT,
+        pname: "punix-builders-check".into(),
+        version: "1".into(),
+        system: system.to_string(),
+        store_root: store.root().to_string_lossy().into_owned(),
+        builder: BuilderRef {
+            kind: "shell".into(),
+            script_sha256: builders::script_sha256("shell").unwrap_or_default(),
+        },
+        script: Some(CHECK_SCRIPT.into()),
+        args: vec![],
+        env,
+        src_sha256: None,
+        inputs: vec![],
+        features: vec![],
+    };
+    let node = Node {
+        module: "BuildersCheck".into(),
+        name: drv.store_name(),
+        drv,
+        src: None,
+        inputs: Default::default(),
+    };
+    let rb = RemoteBuilder {
+        name: &b.name,
+        url: &b.url,
+        transport: &t,
+        max_jobs: b.max_jobs,
+        build_timeout: Duration::from_secs(600),
+    };
+    let mut done: Vec<(Step, Duration)> = Vec::new();
+    let result = build_on(store, &node, &rb, &mut |step, d| done.push((step, d)));
+    for (step, d) in &done {
+        set(&mut report, *step, true, *d, String::new());
+    }
+    match result {
+        Ok((_, built)) => {
+            if let Some(r) = report.steps.iter_mut().find(|r| r.step == Step::Hash) {
+                r.detail = format!("computed there (with the build): {}", built.remote_hash);
+            }
+            let entry = store.entry_path(&node.name);
+            let machine = std::fs::read_to_string(entry.join("share/machine")).unwrap_or_default();
+            let hello = std::fs::read_to_string(entry.join("share/hello")).unwrap_or_default();
+            let machine = machine.trim();
+            let arch_ok = crate::platform::System::from_uname(machine, "Linux")
+                .map(|s| s.arch() == system.arch())
+                .unwrap_or(false);
+            let ok = arch_ok && hello == "built by punix builders check\n";
+            if let Some(r) = report.steps.iter_mut().find(|r| r.step == Step::Verify) {
+                r.ok = Some(ok);
+                r.detail = if ok {
+                    format!("content hash checked; `uname -m` there says `{machine}`")
+                } else {
+                    format!("the output is not what was built: `uname -m` said `{machine}`")
+                };
+            }
+            let _ = store.discard(&node.name);
+        }
+        Err(e) => {
+            let failed = match &e {
+                RemoteError::Builder { step, .. } => *step,
+                RemoteError::Build(_) => Step::ALL
+                    .into_iter()
+                    .find(|s| *s > Step::Probe && !done.iter().any(|(d, _)| d == s))
+                    .unwrap_or(Step::Build),
+            };
+            let detail = match e {
+                RemoteError::Builder { reason, .. } => reason,
+                RemoteError::Build(e) => e.to_string(),
+            };
+            set(&mut report, failed, false, Duration::ZERO, detail);
+        }
+    }
+    let _ = std::fs::remove_file(store.log_path(&node.name));
+    report
 }
 
 /// A transport failure in a few words: a dropped connection without the
