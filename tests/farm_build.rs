@@ -926,3 +926,130 @@ fn builders_check_builds_on_each_builder_and_reports_every_step() {
     assert!(text.contains("nothing listens on port 1"), "{text}");
     assert!(text.contains("  skip  build"), "{text}");
 }
+
+#[test]
+fn stale_temporaries_on_a_builder_are_swept_by_the_next_build() {
+    let Some(f) = Farm::new("stale_temporaries_on_a_builder_are_swept_by_the_next_build") else {
+        return;
+    };
+    f.recipe(AARCH64_RECIPE);
+    let arm1 = f.host("arm1");
+    let t = f.transport(&arm1);
+    let s = f.store_root();
+    let q = quote_path(&s);
+    // Left by lost builds: an old output whose shell is gone (pid 1 in
+    // letters is `gggggggh`; pid 2^22+1 cannot exist), an old build
+    // directory; kept: a fresh temporary of a dead process, an old one of
+    // a live process, and anything that is not a temporary.
+    let dead = "gggpoqjh"; // 4194305 in base 20 with g..z
+    let script = format!(
+        r#"set -e
+mkdir -p {q}
+cd {q}
+mkdir .tmp{dead}mmmmmmmmmmmmmmmmmmmm-old-1.0 .tmp{dead}nnnnnnnnnnnnnnnnnnnn-fresh-1.0
+touch -t 202001010000 .tmp{dead}mmmmmmmmmmmmmmmmmmmm-old-1.0
+sleep 300 >/dev/null 2>&1 &
+p=$!
+A=ghijklmnopqrstuvwxyz; l=; i=0
+while [ $i -lt 8 ]; do d=$((p % 20)); t=$A; while [ $d -gt 0 ]; do t=${{t#?}}; d=$((d - 1)); done; l=${{t%"${{t#?}}"}}$l; p=$((p / 20)); i=$((i + 1)); done
+mkdir ".tmp${{l}}pppppppppppppppppppp-alive-1.0"
+touch -t 202001010000 ".tmp${{l}}pppppppppppppppppppp-alive-1.0"
+mkdir not-a-temporary
+touch -t 202001010000 not-a-temporary
+B=$(mktemp -d /tmp/punix-build-XXXXXXXX)
+echo 4194305 > "$B/pid"
+touch -t 202001010000 "$B"
+echo "$B"
+echo "$!"
+"#
+    );
+    let out = t
+        .run_checked("stage", &script, Duration::from_secs(60))
+        .expect("stage");
+    let mut lines = out.stdout.lines();
+    let build_dir = lines.next().expect("build dir").to_string();
+    let sleeper = lines.next().expect("pid").to_string();
+    let reg = f.registry("builders.toml", &[f.entry("arm1", "aarch64-linux")]);
+    ok(&f.build(&[
+        "--system",
+        "aarch64-linux",
+        "--builders",
+        reg.to_str().expect("utf-8"),
+        "Machine",
+    ]));
+    let left = t
+        .run_checked(
+            "ls",
+            &format!(
+                "ls -A {q}; [ -e {b} ] && echo build-dir-kept; kill {sleeper}",
+                b = quote_path(Path::new(&build_dir))
+            ),
+            Duration::from_secs(30),
+        )
+        .expect("ls")
+        .stdout;
+    eprintln!("left on arm1:\n{left}");
+    assert!(!left.contains("-old-1.0"), "{left}");
+    assert!(!left.contains("build-dir-kept"), "{left}");
+    assert!(left.contains("-fresh-1.0"), "{left}");
+    assert!(left.contains("-alive-1.0"), "{left}");
+    assert!(left.contains("not-a-temporary"), "{left}");
+}
+
+#[test]
+fn builder_slots_are_shared_by_concurrent_punix_processes() {
+    let Some(f) = Farm::new("builder_slots_are_shared_by_concurrent_punix_processes") else {
+        return;
+    };
+    let _amd64 = amd64_lock();
+    let mut entry = f.entry("h1", "x86_64-linux");
+    entry.max_jobs = 1;
+    let reg = f.registry("builders.toml", &[entry]);
+    let run = |pkgs: &str, tag: &str| {
+        let dir = f.path().join(pkgs);
+        fs::create_dir_all(&dir).expect("mkdir");
+        fs::write(
+            dir.join("p.toml"),
+            format!(
+                "[package.S]\npname = \"slow-{tag}\"\nversion = \"1.0\"\nscript = 'sleep 2; mkdir -p \"$out\"'\n"
+            ),
+        )
+        .expect("write");
+        f.cmd()
+            .arg("build")
+            .arg("--file")
+            .arg(&dir)
+            .args(["-j", "0", "--builders"])
+            .arg(&reg)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn")
+    };
+    let t0 = Instant::now();
+    let a = run("pkgs-a", "a");
+    let b = run("pkgs-b", "b");
+    ok(&a.wait_with_output().expect("wait"));
+    ok(&b.wait_with_output().expect("wait"));
+    let one_slot = t0.elapsed();
+    assert!(
+        one_slot >= Duration::from_secs(4),
+        "two 2 s builds on one slot took {one_slot:?}"
+    );
+    // With two slots they overlap.
+    let mut entry = f.entry("h1", "x86_64-linux");
+    entry.max_jobs = 2;
+    f.registry("builders.toml", &[entry]);
+    let t0 = Instant::now();
+    let a = run("pkgs-c", "c");
+    let b = run("pkgs-d", "d");
+    ok(&a.wait_with_output().expect("wait"));
+    ok(&b.wait_with_output().expect("wait"));
+    let two_slots = t0.elapsed();
+    eprintln!("one slot: {one_slot:?}, two slots: {two_slots:?}");
+    assert!(two_slots < one_slot, "{two_slots:?} vs {one_slot:?}");
+    assert!(
+        f.path().join("home/.punix/slots/h1/0.lock").exists(),
+        "slot locks live in ~/.punix/slots"
+    );
+}
