@@ -228,7 +228,8 @@ fn check(cx: &Context, a: CheckArgs) -> Result<(), Error> {
                     None => ("skip", "        ".to_string()),
                 };
                 let detail = st.detail.replace('\n', "\n                          ");
-                println!("  {word}  {:<8}{time}  {detail}", st.step.as_str());
+                let line = format!("  {word}  {:<8}{time}  {detail}", st.step.as_str());
+                println!("{}", line.trim_end());
             }
             println!(
                 "  {}",

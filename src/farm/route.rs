@@ -9,9 +9,12 @@
 //! 2. a **registered builder** whose `systems` include the derivation's and
 //!    whose `features` cover it, that is reachable (probed once per run:
 //!    strict host-key checking, system, `sh`, rsync, writable store root,
-//!    load) and has a free job slot. Builders are ranked by free job slots
-//!    (more first), then speed factor (higher first), then measured load
-//!    (the 1-minute load average, lower first), then name. A builder's
+//!    load) and has a free job slot. Among those with a free slot,
+//!    builders are ranked by busy slots per unit of speed factor (fewer
+//!    first, as Nix does: an idle builder with speed factor 2 comes before
+//!    an idle one with 1, and before a busy one with 2), then speed factor
+//!    (higher first), then measured load (the 1-minute load average, lower
+//!    first), then free slots (more first), then name. A builder's
 //!    `max-jobs` slots are lock files `<slots>/<builder>/<i>.lock` held
 //!    with `flock` for the length of a build, so concurrent punix
 //!    processes on this machine share them. When every candidate is busy,
@@ -517,17 +520,11 @@ impl<'a> Router<'a> {
         if ready.is_empty() && !stat.local {
             return Err(rejected);
         }
-        // More free slots, then a higher speed factor, then a lower load.
         ready.sort_by(|a, b| {
-            let (ba, bb) = (&self.builders[a.0], &self.builders[b.0]);
-            b.3.cmp(&a.3)
-                .then(bb.speed_factor.total_cmp(&ba.speed_factor))
-                .then(
-                    a.2.load
-                        .unwrap_or(f64::MAX)
-                        .total_cmp(&b.2.load.unwrap_or(f64::MAX)),
-                )
-                .then(ba.name.cmp(&bb.name))
+            rank_order(
+                (&self.builders[a.0], a.3, a.2.load),
+                (&self.builders[b.0], b.3, b.2.load),
+            )
         });
         let describe = |i: usize, status: &BuilderStatus, free: usize| {
             let b = &self.builders[i];
@@ -736,6 +733,27 @@ impl Router<'_> {
     }
 }
 
+/// The ranking of builders that can build a derivation, from
+/// `(builder, free slots, measured load)`: builders with a free slot first;
+/// among them the fewest busy slots per unit of speed factor (as Nix
+/// does), then a higher speed factor, then a lower load, then more free
+/// slots, then the name.
+fn rank_order(
+    a: (&Builder, usize, Option<f64>),
+    b: (&Builder, usize, Option<f64>),
+) -> std::cmp::Ordering {
+    let busy_per_speed = |(x, free, _): (&Builder, usize, Option<f64>)| {
+        x.max_jobs.max(1).saturating_sub(free) as f64 / x.speed_factor.max(f64::MIN_POSITIVE)
+    };
+    (b.1 > 0)
+        .cmp(&(a.1 > 0))
+        .then(busy_per_speed(a).total_cmp(&busy_per_speed(b)))
+        .then(b.0.speed_factor.total_cmp(&a.0.speed_factor))
+        .then(a.2.unwrap_or(f64::MAX).total_cmp(&b.2.unwrap_or(f64::MAX)))
+        .then(b.1.cmp(&a.1))
+        .then(a.0.name.cmp(&b.0.name))
+}
+
 /// Connect to builder `b` and probe it; the reason it cannot serve if not.
 fn probe_builder(b: &Builder, store_root: &Path, options: &RouteOptions) -> Probed {
     let t = match probe::connect(b, options.connect_timeout) {
@@ -808,4 +826,194 @@ pub fn target_system(t: &dyn Transport) -> Result<System, FarmError> {
             t.name()
         ))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::build::plan::Node;
+    use crate::store::derivation::{BuilderRef, DERIVATION_FORMAT, Derivation};
+
+    fn builder(name: &str, system: &str, jobs: usize, speed: f64, features: &[&str]) -> Builder {
+        let mut b = Builder::new(name, format!("ssh://u@{name}"));
+        b.systems = vec![system.parse().expect("system")];
+        b.max_jobs = jobs;
+        b.speed_factor = speed;
+        b.features = features.iter().map(|f| f.to_string()).collect();
+        b
+    }
+
+    fn node(system: &str, features: &[&str]) -> Node {
+        let drv = Derivation {
+            format: DERIVATION_FORMAT,
+            pname: "p".into(),
+            version: "1".into(),
+            system: system.into(),
+            store_root: "/s".into(),
+            builder: BuilderRef {
+                kind: "shell".into(),
+                script_sha256: "00".into(),
+            },
+            script: None,
+            args: vec![],
+            env: Default::default(),
+            src_sha256: None,
+            inputs: vec![],
+            features: features.iter().map(|f| f.to_string()).collect(),
+        };
+        Node {
+            module: "P".into(),
+            name: drv.store_name(),
+            drv,
+            src: None,
+            inputs: Default::default(),
+        }
+    }
+
+    fn options() -> RouteOptions {
+        RouteOptions::new(Options::default(), PathBuf::from("/nonexistent/slots"))
+    }
+
+    fn other_system() -> String {
+        if System::host().arch() == "aarch64" {
+            "x86_64-linux".into()
+        } else {
+            "aarch64-linux".into()
+        }
+    }
+
+    #[test]
+    fn ranking_prefers_idle_fast_builders_then_low_load() {
+        let fast = builder("fast", "x86_64-linux", 1, 2.0, &[]);
+        let slow = builder("slow", "x86_64-linux", 4, 1.0, &[]);
+        let also = builder("also", "x86_64-linux", 4, 1.0, &[]);
+        let order = |mut v: Vec<(&Builder, usize, Option<f64>)>| {
+            v.sort_by(|a, b| rank_order(*a, *b));
+            v.iter()
+                .map(|x| x.0.name.as_str())
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        // All idle: the higher speed factor wins, even with fewer slots.
+        assert_eq!(
+            order(vec![(&slow, 4, Some(0.1)), (&fast, 1, Some(3.0))]),
+            "fast slow"
+        );
+        // A busy fast builder: no free slot, last.
+        assert_eq!(
+            order(vec![(&fast, 0, Some(0.0)), (&slow, 1, Some(5.0))]),
+            "slow fast"
+        );
+        // Fewer busy slots per unit of speed first: 1 of 4 busy loses to
+        // none busy.
+        assert_eq!(
+            order(vec![(&slow, 3, Some(0.0)), (&also, 4, Some(9.0))]),
+            "also slow"
+        );
+        // Equal otherwise: the lower load, then the name.
+        assert_eq!(
+            order(vec![(&slow, 4, Some(2.0)), (&also, 4, Some(1.0))]),
+            "also slow"
+        );
+        assert_eq!(order(vec![(&slow, 4, None), (&also, 4, None)]), "also slow");
+    }
+
+    #[test]
+    fn static_candidates_say_why_not() {
+        let host = System::host();
+        let other = other_system();
+        let bs = vec![
+            builder("same", &host.to_string(), 1, 1.0, &[]),
+            builder("big", &host.to_string(), 1, 1.0, &["big-parallel"]),
+            builder("foreign", &other, 1, 1.0, &[]),
+        ];
+        let opts = options();
+        let c = static_candidates(&node(&host.to_string(), &[]), &host, &opts, &bs);
+        assert!(c.local);
+        assert_eq!(c.builders, vec![0, 1]);
+        assert_eq!(c.rejected.len(), 1);
+        assert_eq!(c.rejected[0].machine, "foreign");
+        assert!(
+            c.rejected[0]
+                .reason
+                .starts_with("wrong system: it builds for")
+        );
+
+        let c = static_candidates(
+            &node(&host.to_string(), &["big-parallel"]),
+            &host,
+            &opts,
+            &bs,
+        );
+        assert!(!c.local);
+        assert_eq!(c.builders, vec![1]);
+        let why: Vec<String> = c
+            .rejected
+            .iter()
+            .map(|r| format!("{}: {}", r.machine, r.reason))
+            .collect();
+        assert_eq!(
+            why[..2],
+            [
+                "local: package `P` needs the machine feature(s) `big-parallel`, which this machine does not offer".to_string(),
+                "same: it lacks the feature(s) `big-parallel`".to_string()
+            ]
+        );
+
+        let mut off = options();
+        off.local = false;
+        let c = static_candidates(&node(&host.to_string(), &[]), &host, &off, &bs);
+        assert!(!c.local);
+        assert!(c.rejected[0].reason.contains("local builds are off"));
+
+        let c = static_candidates(&node(&other, &[]), &host, &opts, &bs);
+        assert!(!c.local);
+        assert_eq!(c.builders, vec![2]);
+        assert!(
+            c.rejected[0]
+                .reason
+                .contains(&format!("this machine is `{host}`"))
+        );
+    }
+
+    #[test]
+    fn no_machine_lists_every_builder_and_suggests_the_ways_out() {
+        let other = other_system();
+        let host = System::host().to_string();
+        let bs = vec![builder("x", &host, 1, 1.0, &[])];
+        let n = node(&other, &[]);
+        let plan = Plan {
+            system: other.parse().expect("system"),
+            store_root: "/s".into(),
+            nodes: [(n.name.clone(), n.clone())].into_iter().collect(),
+            order: vec![n.name.clone()],
+            roots: Default::default(),
+        };
+        let mut opts = options();
+        opts.registry = Some(PathBuf::from("/r/builders.toml"));
+        let e = preflight(&plan, &plan.order, &opts, &bs).expect_err("no machine");
+        let msg = e.to_string();
+        assert!(
+            msg.starts_with(&format!(
+                "building for `{other}` needs a machine of that system, and this one is `{host}` (1 package(s): P)"
+            )),
+            "{msg}"
+        );
+        assert!(
+            msg.contains(&format!("\n  - x: wrong system: it builds for `{host}`")),
+            "{msg}"
+        );
+        assert!(msg.contains("punix builders add"), "{msg}");
+        assert!(msg.contains("punix ci matrix"), "{msg}");
+        assert!(msg.contains("never used silently"), "{msg}");
+        let e = preflight(&plan, &plan.order, &opts, &[]).expect_err("no machine");
+        assert!(
+            e.to_string()
+                .contains("no builders are registered (in `/r/builders.toml`)"),
+            "{e}"
+        );
+        // The same plan with a builder of that system passes.
+        let ok = vec![builder("y", &other, 1, 1.0, &[])];
+        assert!(preflight(&plan, &plan.order, &opts, &ok).is_ok());
+    }
 }
