@@ -776,3 +776,178 @@ fn a_fleet_deploy_with_one_host_down_reports_each_host() {
         .arg(format!("rm -rf {}", c.remote().display()))
         .status();
 }
+
+#[test]
+fn a_mixed_arch_fleet_builds_each_closure_on_a_machine_of_its_system() {
+    let Some(c) = Ctx::new("a_mixed_arch_fleet", "h1", "tbdeploy") else {
+        return;
+    };
+    let arm = c.tb.host("arm1").cloned().expect("the testbed has arm1");
+    // arm1 is also the aarch64 builder.
+    let registry = c.local.path().join("builders.toml");
+    fs::write(
+        &registry,
+        format!(
+            "[[builder]]\nname = \"arm1\"\nurl = \"{}\"\nkey = \"{}\"\nknown-hosts = \"{}\"\nsystems = [\"aarch64-linux\"]\nmax-jobs = 2\n",
+            arm.url(&c.user),
+            c.tb.key.display(),
+            c.tb.known_hosts.display()
+        ),
+    )
+    .unwrap();
+    c.file(
+        "pkgs.toml",
+        r#"
+[package.Tool]
+pname = "tool"
+version = "1"
+script = '''
+mkdir -p "$out/bin"
+cp "$(command -v rsync)" "$out/bin/tool"
+uname -m > "$out/built-on"
+'''
+"#,
+    );
+    c.file(
+        "stack.toml",
+        &format!(
+            r#"
+[stack.Mixed]
+store-modules = ["Tool"]
+
+[[stack.Mixed.config-files]]
+path = "{}/etc/mixed.conf"
+content = "mixed\n"
+"#,
+            c.remote().display()
+        ),
+    );
+    let mut args: Vec<String> = vec![
+        "service".into(),
+        "deploy".into(),
+        "Mixed".into(),
+        "--file".into(),
+        c.pkgs().display().to_string(),
+        "--builders".into(),
+        registry.display().to_string(),
+        "--target".into(),
+        c.host.url(&c.user),
+        "--target".into(),
+        arm.url(&c.user),
+        "--key".into(),
+        c.tb.key.display().to_string(),
+        "--known-hosts".into(),
+        c.tb.known_hosts.display().to_string(),
+        "--deployments-root".into(),
+        c.remote().join("deployments").display().to_string(),
+        "--json".into(),
+    ];
+    let out = c.cmd().args(&args).output().unwrap();
+    let v: serde_json::Value = serde_json::from_str(&ok(&out)).unwrap();
+    assert_eq!(v["ok"], true, "{v}");
+    let rows = v["targets"].as_array().unwrap();
+    assert_eq!(rows[0]["system"], "x86_64-linux");
+    assert_eq!(rows[1]["system"], "aarch64-linux");
+    // Each target got the closure of its own system.
+    let path_on = |row: &serde_json::Value| -> String {
+        let g = row["report"]["generation"].as_u64().unwrap();
+        assert_eq!(g, 1);
+        let host = if row["system"] == "aarch64-linux" {
+            &arm
+        } else {
+            &c.host
+        };
+        let gen_file = host.local_path(&c.remote().join("deployments/Mixed/gen-001.json"));
+        let generation: serde_json::Value =
+            serde_json::from_slice(&fs::read(gen_file).unwrap()).unwrap();
+        assert_eq!(generation["system"], row["system"]);
+        generation["store_paths"][0].as_str().unwrap().to_string()
+    };
+    let x86 = path_on(&rows[0]);
+    let aarch64 = path_on(&rows[1]);
+    assert_ne!(x86, aarch64, "two systems, two store paths");
+    // Read the aarch64 host's files over ssh (its /tmp is its own).
+    let cat = |rel: &str| -> Vec<u8> {
+        let o = Command::new("ssh")
+            .args([
+                "-F",
+                c.tb.ssh_config.to_str().unwrap(),
+                "-l",
+                &c.user,
+                "arm1",
+            ])
+            .arg(format!("cat {aarch64}/{rel}"))
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        o.stdout
+    };
+    assert_eq!(
+        punix::platform::elf_arch(&cat("bin/tool")[..20]),
+        Some("aarch64")
+    );
+    assert_eq!(String::from_utf8_lossy(&cat("built-on")).trim(), "aarch64");
+    let drv: serde_json::Value = serde_json::from_slice(&cat("derivation.json")).unwrap();
+    assert_eq!(drv["system"], "aarch64-linux");
+    // The aarch64 binary runs on the aarch64 target.
+    let o = Command::new("ssh")
+        .args([
+            "-F",
+            c.tb.ssh_config.to_str().unwrap(),
+            "-l",
+            &c.user,
+            "arm1",
+        ])
+        .arg(format!("{aarch64}/bin/tool --version"))
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("rsync"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // Without the builder, the aarch64 target fails before it is touched
+    // and the error explains why; the x86_64 one is unchanged.
+    let pos = args.iter().position(|a| a == "--builders").unwrap();
+    args[pos + 1] = c
+        .local
+        .path()
+        .join("no-builders.toml")
+        .display()
+        .to_string();
+    let store = c.store();
+    let _ = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "chmod -R u+w {s} && rm -rf {s}/*-tool-1",
+            s = store.display()
+        ))
+        .status();
+    let out = c.cmd().args(&args).output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let err = v["targets"][1]["error"].as_str().unwrap().to_string();
+    assert!(
+        err.contains("aarch64-linux") && err.contains("punix builders add"),
+        "{err}"
+    );
+    let _ = Command::new("ssh")
+        .args([
+            "-F",
+            c.tb.ssh_config.to_str().unwrap(),
+            "-l",
+            &c.user,
+            "arm1",
+        ])
+        .arg(format!(
+            "chmod -R u+w {r} /tmp/punix-ssh-{id}; rm -rf {r} /tmp/punix-ssh-{id}",
+            r = c.remote().display(),
+            id = c.id
+        ))
+        .status();
+}

@@ -111,7 +111,7 @@ fn target_system(args: &BuildArgs, url: &str) -> Result<System, Error> {
 
 /// The registry, or an empty one when there is no place to look for it
 /// (no `HOME`, no `--builders`, no `PUNIX_BUILDERS`).
-fn load_registry(flag: Option<&std::path::Path>) -> Result<Registry, Error> {
+pub(super) fn load_registry(flag: Option<&std::path::Path>) -> Result<Registry, Error> {
     match Registry::path_from(flag) {
         Ok(path) => Ok(Registry::load(&path)?),
         Err(_) if flag.is_none() => Ok(Registry::default()),

@@ -133,9 +133,17 @@ pub struct DeployArgs {
     /// Seconds to wait for another deploy of this stack to the target.
     #[arg(long, value_name = "SECONDS", default_value_t = 60)]
     pub lock_wait: u64,
-    /// Builds at once [default: the number of cores].
+    /// Builds at once here [default: the number of cores]; 0 builds
+    /// nothing here, only on builders.
     #[arg(long, short = 'j', value_name = "N")]
     pub jobs: Option<usize>,
+    /// Build only on registered builders, never on this machine.
+    #[arg(long)]
+    pub builders_only: bool,
+    /// The builder registry [default: $PUNIX_BUILDERS, else
+    /// ~/.punix/builders.toml].
+    #[arg(long, value_name = "FILE")]
+    pub builders: Option<PathBuf>,
     /// Print one JSON object with the result on stdout.
     #[arg(long)]
     pub json: bool,
@@ -207,6 +215,13 @@ pub fn run(cx: &Context, cmd: ServiceCommand) -> Result<(), Error> {
             if let Some(j) = a.jobs {
                 build.jobs = j.max(1);
             }
+            let registry = super::build::load_registry(a.builders.as_deref())?;
+            let slots_dir = punix::farm::route::default_slots_dir()
+                .unwrap_or_else(|_| cx.store_root.join(".locks/slots"));
+            let mut route = punix::farm::route::RouteOptions::new(build, slots_dir);
+            route.local = a.jobs != Some(0) && !a.builders_only;
+            route.local_features = cx.config.features.clone();
+            route.registry = (!registry.path.as_os_str().is_empty()).then(|| registry.path.clone());
             let opts = DeployOptions {
                 recipes_path: path,
                 stack: a.stack.clone(),
@@ -219,8 +234,8 @@ pub fn run(cx: &Context, cmd: ServiceCommand) -> Result<(), Error> {
                 lock_wait: Duration::from_secs(a.lock_wait),
                 timeout: Duration::from_secs(a.target.timeout),
                 settle_secs: a.settle,
-                build,
-                local_features: cx.config.features.clone(),
+                route,
+                builders: registry.builders,
             };
             // Recipes and secrets are checked before any connection.
             let recipes = punix::recipe::load(&opts.recipes_path)?;

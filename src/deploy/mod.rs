@@ -57,15 +57,6 @@ pub enum DeployError {
     Transport(#[from] TransportError),
     #[error("{} secret(s) of stack `{stack}` cannot be resolved; nothing was sent to any target:\n{}\n  hint: set the environment variables or create the files, then deploy again", .missing.len(), .missing.join("\n"))]
     MissingSecrets { stack: String, missing: Vec<String> },
-    #[error(
-        "`{target}` is `{target_system}`, and the closure of stack `{stack}` would have to be built for it here, on `{host}`; this machine cannot build for `{target_system}`\n  hint: build on an `{target_system}` machine (or a CI runner of that architecture) and bring the paths into this store; a closure built for `{host}` is never pushed to a `{target_system}` host"
-    )]
-    WrongSystem {
-        target: String,
-        stack: String,
-        target_system: String,
-        host: String,
-    },
     #[error("`{target}`: cannot write `{path}`\n  hint: {hint}")]
     Unwritable {
         target: String,

@@ -14,9 +14,9 @@ use super::generation::{
 use super::remote::{self, Commit, Layout, Probe, State, Watched, Write};
 use super::render::{self, Desired};
 use super::secrets::{self, Secrets};
+use crate::build::Observer;
 use crate::build::plan::plan;
-use crate::build::scheduler::{self, Options};
-use crate::build::{BuildError, Observer};
+use crate::build::scheduler;
 use crate::platform::System;
 use crate::recipe::stack::{EnvValue, SecretRef, Stack};
 use crate::recipe::{self, Recipes};
@@ -42,9 +42,10 @@ pub struct DeployOptions {
     pub timeout: Duration,
     /// Seconds to let units settle before checking they are active.
     pub settle_secs: u64,
-    pub build: Options,
-    /// Features this machine offers to builds.
-    pub local_features: Vec<String>,
+    /// Where builds go: this machine and the build farm.
+    pub route: crate::farm::route::RouteOptions,
+    /// The registered builders.
+    pub builders: Vec<crate::farm::Builder>,
 }
 
 /// What a deploy (or rollback) did.
@@ -279,7 +280,6 @@ pub struct Closure {
 /// sorted entry names of its runtime closure and the store path of each
 /// module.
 fn realise_closure(
-    target: &str,
     recipes: &Recipes,
     stack: &Stack,
     store: &Store,
@@ -289,38 +289,18 @@ fn realise_closure(
 ) -> Result<Closure, DeployError> {
     let plan = plan(recipes, store.root(), system, &stack.modules())?;
     let need = scheduler::missing(store, &plan);
-    let host = System::host();
     let mut built = 0;
-    if !need.is_empty() {
-        if *system != host {
-            return Err(DeployError::WrongSystem {
-                target: target.to_string(),
-                stack: stack.name.clone(),
-                target_system: system.to_string(),
-                host: host.to_string(),
-            });
-        }
-        for name in &need {
-            let node = &plan.nodes[name];
-            let missing: Vec<String> = node
-                .drv
-                .features
-                .iter()
-                .filter(|f| !opts.local_features.contains(f))
-                .cloned()
-                .collect();
-            if !missing.is_empty() {
-                return Err(BuildError::MissingFeatures {
-                    module: node.module.clone(),
-                    missing,
-                }
-                .into());
-            }
-        }
-        if !opts.dry_run {
-            let report = scheduler::realise(store, &plan, &opts.build, observer)?;
-            built = report.built.len();
-        }
+    if !need.is_empty() && !opts.dry_run {
+        // This machine when it can, else the build farm; a closure is
+        // never built for one system and pushed to another.
+        let report = crate::farm::route::realise_routed(
+            store,
+            &plan,
+            &opts.route,
+            &opts.builders,
+            observer,
+        )?;
+        built = report.built.len();
     }
     let roots: Vec<String> = plan.roots.values().cloned().collect();
     let closure: Vec<String> = if opts.dry_run && !need.is_empty() {
@@ -398,7 +378,6 @@ pub fn deploy(
         return Err(DeployError::NoRsync { target: t.name() });
     }
     let closure = realise_closure(
-        &t.name(),
         &prepared.recipes,
         &prepared.stack,
         &prepared.store,
@@ -1555,23 +1534,10 @@ fn bounded<T: Sync, R: Send>(
 /// The same error, told for another target of the same system, with the
 /// exit code of the original.
 fn for_target(e: &DeployError, target: &str) -> DeployError {
-    match e {
-        DeployError::WrongSystem {
-            stack,
-            target_system,
-            host,
-            ..
-        } => DeployError::WrongSystem {
-            target: target.to_string(),
-            stack: stack.clone(),
-            target_system: target_system.clone(),
-            host: host.clone(),
-        },
-        other => DeployError::Repeated {
-            target: target.to_string(),
-            message: other.to_string(),
-            code: crate::error::deploy_exit_code(other),
-        },
+    DeployError::Repeated {
+        target: target.to_string(),
+        message: e.to_string(),
+        code: crate::error::deploy_exit_code(e),
     }
 }
 
@@ -1622,13 +1588,12 @@ pub fn deploy_fleet(
 
     // One closure per system.
     let mut closures: BTreeMap<System, Result<Closure, DeployError>> = BTreeMap::new();
-    for (target, p) in targets.iter().zip(&probed) {
+    for p in &probed {
         let Ok(p) = p else { continue };
         if closures.contains_key(&p.system) || (fail_fast && stop.load(Ordering::Relaxed)) {
             continue;
         }
         let c = realise_closure(
-            target,
             &prepared.recipes,
             &prepared.stack,
             &prepared.store,
