@@ -481,15 +481,50 @@ fn print_report(r: &DeployReport, json: bool, verb: &str) {
     );
 }
 
-/// Per-target progress lines of a fleet deploy (plain lines; one target
-/// shows none, its summary says it all).
+/// Per-target progress of a fleet deploy: one spinner per host on a
+/// terminal, plain lines otherwise; nothing for a single target (its
+/// summary says it all) or with `--json`.
 struct FleetLines {
     on: bool,
+    bars: Option<(
+        indicatif::MultiProgress,
+        std::sync::Mutex<std::collections::BTreeMap<String, indicatif::ProgressBar>>,
+    )>,
 }
 
 impl FleetLines {
     fn new(on: bool) -> FleetLines {
-        FleetLines { on }
+        use std::io::IsTerminal;
+        let bars = (on && std::io::stderr().is_terminal()).then(|| {
+            (
+                indicatif::MultiProgress::new(),
+                std::sync::Mutex::new(std::collections::BTreeMap::new()),
+            )
+        });
+        FleetLines { on, bars }
+    }
+
+    fn say(&self, target: &str, msg: String, done: bool) {
+        let Some((multi, bars)) = &self.bars else {
+            eprintln!("{target}: {msg}");
+            return;
+        };
+        let mut bars = bars.lock().unwrap_or_else(|e| e.into_inner());
+        let bar = bars.entry(target.to_string()).or_insert_with(|| {
+            let b = multi.add(indicatif::ProgressBar::new_spinner());
+            b.set_style(
+                indicatif::ProgressStyle::with_template("{spinner} {prefix}: {msg} {elapsed}")
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+            );
+            b.set_prefix(target.to_string());
+            b.enable_steady_tick(std::time::Duration::from_millis(120));
+            b
+        });
+        if done {
+            bar.finish_with_message(msg);
+        } else {
+            bar.set_message(msg);
+        }
     }
 }
 
@@ -500,21 +535,27 @@ impl deploy::FleetObserver for FleetLines {
         }
         match event {
             deploy::TargetEvent::Connected { system } => {
-                eprintln!("{target}: connected ({system})")
+                self.say(target, format!("connected ({system})"), false)
             }
-            deploy::TargetEvent::Deploying => eprintln!("{target}: deploying"),
-            deploy::TargetEvent::Done(r) => eprintln!(
-                "{target}: done, gen-{:03} ({} pushed / {} cached)",
-                r.generation.unwrap_or(0),
-                r.pushed,
-                r.cached
+            deploy::TargetEvent::Deploying => self.say(target, "deploying".into(), false),
+            deploy::TargetEvent::Done(r) => self.say(
+                target,
+                format!(
+                    "done, gen-{:03} ({} pushed / {} cached)",
+                    r.generation.unwrap_or(0),
+                    r.pushed,
+                    r.cached
+                ),
+                true,
             ),
-            deploy::TargetEvent::Failed(e) => {
-                eprintln!(
-                    "{target}: failed: {}",
+            deploy::TargetEvent::Failed(e) => self.say(
+                target,
+                format!(
+                    "failed: {}",
                     e.to_string().lines().next().unwrap_or_default()
-                )
-            }
+                ),
+                true,
+            ),
         }
     }
 }
