@@ -5,6 +5,7 @@
 //! error (from the command-line parser); 3 a build or transport failure.
 
 use crate::build::BuildError;
+use crate::cache::CacheError;
 use crate::config::ConfigError;
 use crate::deploy::DeployError;
 use crate::farm::FarmError;
@@ -35,6 +36,8 @@ pub enum Error {
     System(#[from] SystemError),
     #[error(transparent)]
     Farm(#[from] FarmError),
+    #[error(transparent)]
+    Cache(#[from] CacheError),
     #[error("{0}")]
     Usage(String),
     #[error("{failed} of {total} target(s) failed")]
@@ -73,6 +76,7 @@ impl Error {
             Error::Deploy(d) => deploy_exit_code(d),
             Error::Transport(_) => EXIT_FAILURE,
             Error::Farm(f) if f.is_transport() => EXIT_FAILURE,
+            Error::Cache(c) if c.is_transport() => EXIT_FAILURE,
             Error::Store(StoreError::File(_)) | Error::File(_) => EXIT_FAILURE,
             _ => EXIT_USER,
         }

@@ -8,8 +8,10 @@
 //!   hashes, locks, gc).
 //! - [`build`]: plans, local builds, the parallel scheduler.
 //! - [`platform`]: system strings (`x86_64-linux`, ...).
+//! - [`cache`]: binary caches (export, verified import, substitution).
 
 pub mod build;
+pub mod cache;
 pub mod config;
 pub mod deploy;
 pub mod error;

@@ -1,8 +1,11 @@
-//! `punix store path|ls|verify|gc|hash`.
+//! `punix store path|ls|verify|gc|hash|export|import`.
 
+use std::collections::BTreeSet;
+use std::io::IsTerminal;
 use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rayon::prelude::*;
 use serde_json::json;
 
@@ -10,6 +13,7 @@ use super::build::parse_system;
 use super::{Context, print_json, recipes_path};
 use punix::Error;
 use punix::build::plan::plan;
+use punix::cache::{self, Cache, export};
 use punix::recipe;
 use punix::store::lock::LockMode;
 use punix::store::{Store, StoreError, content_hash, gc};
@@ -26,6 +30,12 @@ pub enum StoreCommand {
     Gc(GcArgs),
     /// Print the content hash of any file or directory tree.
     Hash(HashArgs),
+    /// Write store paths and their closure to a binary cache (a directory):
+    /// a stack's or package's closure for a system, or explicit paths.
+    Export(ExportArgs),
+    /// Fetch entries and their closure from a binary cache (a directory,
+    /// `file://` or `http(s)://`), verified before they enter the store.
+    Import(ImportArgs),
 }
 
 #[derive(Debug, Args)]
@@ -91,6 +101,40 @@ pub struct HashArgs {
     /// Files or directory trees to hash (any path, in the store or not).
     #[arg(value_name = "PATH", required = true)]
     pub paths: Vec<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// The cache to write: a directory or a `file://` URL (made if missing).
+    #[arg(long, value_name = "DIR")]
+    pub to: String,
+    /// A recipe file or a directory of `*.toml` recipe files, for the stacks
+    /// and packages named.
+    #[arg(long, short = 'f', env = "PUNIX_FILE", value_name = "PATH")]
+    pub file: Option<PathBuf>,
+    /// The system whose closure to export [default: this machine's].
+    #[arg(long, value_name = "SYSTEM")]
+    pub system: Option<String>,
+    /// Print one JSON object (exported, skipped, bytes) on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// Stacks or packages of the recipes, or store paths (or entry names).
+    #[arg(value_name = "STACK|PACKAGE|PATH", required = true)]
+    pub items: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ImportArgs {
+    /// The cache: a directory, `file:///…` or `http(s)://…`.
+    #[arg(value_name = "FROM")]
+    pub from: String,
+    /// Print one JSON object (fetched, present, bytes) on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// Entries to fetch with their closure, by name or store path
+    /// [default: everything in the cache].
+    #[arg(value_name = "NAME")]
+    pub names: Vec<String>,
 }
 
 pub fn run(cx: &Context, cmd: StoreCommand) -> Result<(), Error> {
@@ -207,6 +251,8 @@ pub fn run(cx: &Context, cmd: StoreCommand) -> Result<(), Error> {
             );
             Ok(())
         }
+        StoreCommand::Export(a) => export(&store, a),
+        StoreCommand::Import(a) => import(&store, a),
         StoreCommand::Hash(a) => {
             for p in &a.paths {
                 let h = content_hash::hash_tree(p).map_err(punix::store::StoreError::from)?;
@@ -315,6 +361,184 @@ fn verify(store: &Store, a: VerifyArgs) -> Result<(), Error> {
             failed: still_failed,
             total: results.len(),
         })
+    }
+}
+
+/// Is `item` a store path or entry name (not a stack or package)?
+fn is_store_item(item: &str) -> bool {
+    item.contains('/') || punix::store::derivation::is_store_name(item)
+}
+
+fn export(store: &Store, a: ExportArgs) -> Result<(), Error> {
+    let (paths, recipe_items): (Vec<&String>, Vec<&String>) =
+        a.items.iter().partition(|i| is_store_item(i));
+    let mut names = BTreeSet::new();
+    for p in paths {
+        let name = store.resolve_name(p)?;
+        if !store.is_valid(&name) {
+            return Err(StoreError::NotFound(name).into());
+        }
+        names.insert(name);
+    }
+    if !recipe_items.is_empty() {
+        let path = recipes_path(a.file.as_deref())?;
+        let recipes = recipe::load(&path)?;
+        let system = parse_system(a.system.as_deref())?;
+        let items: Vec<String> = recipe_items.into_iter().cloned().collect();
+        names.extend(export::recipe_closure(
+            store, &recipes, &path, &system, &items,
+        )?);
+    } else if a.system.is_some() {
+        return Err(Error::Usage(
+            "`--system` chooses the closure of stacks and packages; store paths name theirs already"
+                .into(),
+        ));
+    }
+    let cache = Cache::open(&a.to)?;
+    let progress = CacheProgress::new(a.json, "exporting");
+    let result = cache.export_from(store, names, &progress);
+    progress.finish();
+    let report = result?;
+    if a.json {
+        print_json(&json!({
+            "cache": cache.url(),
+            "exported": report.exported,
+            "skipped": report.skipped,
+            "bytes": report.bytes,
+            "unpacked": report.unpacked,
+        }));
+    } else {
+        eprintln!(
+            "exported {} to {} ({} compressed from {}), {} already there",
+            entries(report.exported.len()),
+            cache.url(),
+            human_bytes(report.bytes),
+            human_bytes(report.unpacked),
+            report.skipped.len()
+        );
+    }
+    Ok(())
+}
+
+fn import(store: &Store, a: ImportArgs) -> Result<(), Error> {
+    let cache = Cache::open(&a.from)?;
+    let progress = CacheProgress::new(a.json, "fetching");
+    let result = if a.names.is_empty() {
+        cache.fetch_all(store, &progress)
+    } else {
+        let names = a
+            .names
+            .iter()
+            .map(|n| store.resolve_name(n))
+            .collect::<Result<Vec<_>, _>>()?;
+        cache.fetch_into(store, &names, &progress)
+    };
+    progress.finish();
+    let report = result?;
+    if a.json {
+        print_json(&json!({
+            "cache": cache.url(),
+            "fetched": report.fetched,
+            "present": report.present,
+            "bytes": report.bytes,
+        }));
+    } else {
+        for n in &report.fetched {
+            println!("{}", store.entry_path(n).display());
+        }
+        eprintln!(
+            "imported {} from {} ({}, every content hash checked), {} already in the store",
+            entries(report.fetched.len()),
+            cache.url(),
+            human_bytes(report.bytes),
+            report.present.len()
+        );
+    }
+    Ok(())
+}
+
+/// Progress of an export or import: a byte bar on a terminal, one line
+/// per entry otherwise, nothing with `--json`.
+struct CacheProgress {
+    verb: &'static str,
+    quiet: bool,
+    bar: Option<ProgressBar>,
+}
+
+impl CacheProgress {
+    fn new(json: bool, verb: &'static str) -> CacheProgress {
+        let bar = (!json && std::io::stderr().is_terminal()).then(|| {
+            let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "[{elapsed_precise}] {bar:30.cyan/blue} {bytes}/{total_bytes} {binary_bytes_per_sec} {msg}",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            );
+            bar
+        });
+        CacheProgress {
+            verb,
+            quiet: json,
+            bar,
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+impl cache::Observer for CacheProgress {
+    fn event(&self, event: cache::Event<'_>) {
+        if self.quiet {
+            return;
+        }
+        match (event, &self.bar) {
+            (cache::Event::Planned { bytes, .. }, Some(bar)) => bar.set_length(bytes),
+            (cache::Event::Started { name, .. }, Some(bar)) => {
+                bar.set_message(name.get(33..).unwrap_or(name).to_string());
+            }
+            (cache::Event::Progress { bytes }, Some(bar)) => bar.inc(bytes),
+            (
+                cache::Event::Planned {
+                    entries: n,
+                    present,
+                    bytes,
+                },
+                None,
+            ) => eprintln!(
+                "{} {} ({}), {present} already there",
+                self.verb,
+                entries(n),
+                human_bytes(bytes)
+            ),
+            (cache::Event::Finished { name, bytes }, None) => {
+                eprintln!("  {name} ({})", human_bytes(bytes));
+            }
+            (
+                cache::Event::Retrying {
+                    url,
+                    attempt,
+                    wait,
+                    reason,
+                },
+                bar,
+            ) => {
+                let line = format!(
+                    "note: {url}: {reason}; attempt {} in {:.1}s",
+                    attempt + 1,
+                    wait.as_secs_f64()
+                );
+                match bar {
+                    Some(b) => b.println(line),
+                    None => eprintln!("{line}"),
+                }
+            }
+            _ => {}
+        }
     }
 }
 
