@@ -552,7 +552,7 @@ impl deploy::FleetObserver for FleetLines {
                 target,
                 format!(
                     "failed: {}",
-                    e.to_string().lines().next().unwrap_or_default()
+                    first_line_without_target(&e.to_string(), target)
                 ),
                 true,
             ),
@@ -608,7 +608,7 @@ fn print_fleet(results: &[deploy::TargetResult], json: bool) -> Result<(), Error
                     "-",
                     "-",
                     "-",
-                    e.to_string().lines().next().unwrap_or_default()
+                    first_line_without_target(&e.to_string(), &r.target)
                 ),
             }
         }
@@ -632,4 +632,14 @@ fn print_fleet(results: &[deploy::TargetResult], json: bool) -> Result<(), Error
         total: results.len(),
         code,
     })
+}
+
+/// The first line of an error, without a leading "`TARGET`: " (the table
+/// row names the target already).
+fn first_line_without_target(message: &str, target: &str) -> String {
+    let first = message.lines().next().unwrap_or_default();
+    first
+        .strip_prefix(&format!("`{target}`: "))
+        .unwrap_or(first)
+        .to_string()
 }
