@@ -485,15 +485,25 @@ fn build_in(
     let remote_hash = match (&built.hash, built.hash_failed) {
         (Some(h), None) => h.clone(),
         (_, Some(3)) => {
-            return Err(RemoteError::Build(BuildError::Internal(format!(
-                "the output of `{}` cannot be hashed on builder `{}`: {}",
-                node.module,
-                b.name,
-                built.hash_errors.join("; ")
-            ))));
+            // The build script removed the output already.
+            let mut tail = files::tail(&log_path, 20);
+            if tail.trim().is_empty() {
+                tail = "(the log is empty)".into();
+            }
+            return Err(RemoteError::Build(BuildError::Failed {
+                module: node.module.clone(),
+                name: node.name.clone(),
+                reason: format!(
+                    "its output cannot be hashed on builder `{}` ({}): {}",
+                    b.name,
+                    b.url,
+                    built.hash_errors.join("; ").trim_start_matches("punix: ")
+                ),
+                log: log_path.clone(),
+                tail,
+            }));
         }
         _ => {
-            cleanup();
             return Err(RemoteError::Builder {
                 step: Step::Hash,
                 reason: format!(
@@ -1382,6 +1392,25 @@ env | sort | sed -e "s|$out|OUT|g" -e "s|$HOME|HOME|g" -e "s|$src|SRC|g" -e "s|$
                 assert!(e.to_string().contains("did not create `$out`"), "{e}");
             }
             other => panic!("expected no output, got {other:?}"),
+        }
+        // An output the builder-side hash cannot carry.
+        let n = node(
+            &root,
+            "mkdir -p \"$out\"; touch \"$out/two
+ lines\"",
+            None,
+            &[],
+        );
+        match build_on(&store, &n, &b, &mut |_, _| {}) {
+            Err(RemoteError::Build(e @ BuildError::Failed { .. })) => {
+                let msg = e.to_string();
+                assert!(
+                    msg.contains("its output cannot be hashed on builder `self` (local:/)")
+                        && msg.contains("a file name holds a newline"),
+                    "{msg}"
+                );
+            }
+            other => panic!("expected a hash refusal, got {other:?}"),
         }
         let left: Vec<String> = fs::read_dir(&root)
             .expect("ls")
