@@ -632,7 +632,47 @@ fn sshd_sessions(host: &testbed::Host, user: &str) -> Vec<u32> {
 
 #[test]
 fn a_builder_killed_mid_build_fails_over_to_the_next() {
-    let Some(f) = Farm::new("a_builder_killed_mid_build_fails_over_to_the_next") else {
+    fail_over_mid_build(
+        "a_builder_killed_mid_build_fails_over_to_the_next",
+        Cut::Kill,
+    );
+}
+
+#[test]
+fn a_builder_frozen_mid_build_fails_over_to_the_next() {
+    fail_over_mid_build(
+        "a_builder_frozen_mid_build_fails_over_to_the_next",
+        Cut::Stop,
+    );
+}
+
+/// How a test takes a builder away in the middle of a build.
+#[derive(Clone, Copy, PartialEq)]
+enum Cut {
+    /// SIGKILL its sshd session processes: the connection drops at once.
+    Kill,
+    /// SIGSTOP every sshd of the host (listener and sessions): nothing
+    /// answers, the connection must be given up by its keepalive.
+    Stop,
+}
+
+/// Sends SIGCONT to stopped processes when dropped (also on a panic), so
+/// a failed test never leaves a testbed host frozen.
+struct Resume(Vec<u32>);
+
+impl Drop for Resume {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            // SAFETY: kill only sends a signal, to a testbed sshd.
+            unsafe {
+                libc::kill(*p as i32, libc::SIGCONT);
+            }
+        }
+    }
+}
+
+fn fail_over_mid_build(test: &str, cut: Cut) {
+    let Some(f) = Farm::new(test) else {
         return;
     };
     let _amd64 = amd64_lock();
@@ -680,20 +720,29 @@ echo done > "$out/result"
         assert!(Instant::now() < deadline, "the build never started on h1");
         std::thread::sleep(Duration::from_millis(100));
     }
-    let sessions = sshd_sessions(&h1, &f.tb.user);
-    assert!(!sessions.is_empty(), "no sshd session on h1");
-    for p in &sessions {
+    let (pids, signal) = match cut {
+        Cut::Kill => (sshd_sessions(&h1, &f.tb.user), libc::SIGKILL),
+        Cut::Stop => (sshd_processes(&h1), libc::SIGSTOP),
+    };
+    assert!(!pids.is_empty(), "no sshd on h1");
+    let resume = Resume(if cut == Cut::Stop {
+        pids.clone()
+    } else {
+        Vec::new()
+    });
+    for p in &pids {
         // SAFETY: kill only sends a signal, to a testbed sshd.
         unsafe {
-            libc::kill(*p as i32, libc::SIGKILL);
+            libc::kill(*p as i32, signal);
         }
     }
     let t0 = Instant::now();
     let out = child.wait_with_output().expect("wait");
     let took = t0.elapsed();
+    drop(resume);
     let _ = fs::remove_file(&started);
     let err = ok(&out);
-    eprintln!("{err}");
+    eprintln!("after {took:?}:\n{err}");
     assert!(took < Duration::from_secs(40), "failover took {took:?}");
     assert!(
         err.contains("Slow (slow-1.0, x86_64-linux): built on h2"),
@@ -711,6 +760,26 @@ echo done > "$out/result"
         fs::read_to_string(store.entry_path(&name).join("result")).expect("read"),
         "done\n"
     );
+}
+
+/// The pids of every sshd process of a testbed host (listener and
+/// sessions).
+fn sshd_processes(host: &testbed::Host) -> Vec<u32> {
+    let group = host.addr.split(':').nth(2).unwrap_or_default();
+    let netns = format!("tb{group}-{}", host.name);
+    let out = Command::new("ip")
+        .args(["netns", "pids", &netns])
+        .output()
+        .expect("ip netns pids");
+    assert!(out.status.success(), "no netns {netns}");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter_map(|p| p.parse::<u32>().ok())
+        .filter(|p| {
+            let cmd = fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
+            String::from_utf8_lossy(&cmd).starts_with("sshd")
+        })
+        .collect()
 }
 
 /// A tree with every kind of node and names that sort trickily (as in the
