@@ -880,16 +880,32 @@ fn activate_with(
         &script,
         timeout + Duration::from_secs(settle_secs),
     )?;
-    let mut failed = Vec::new();
-    for line in out.stdout.lines() {
-        if let Some(rest) = line.strip_prefix("active ")
-            && let Some((u, state)) = rest.split_once(' ')
-            && state != "active"
-        {
-            failed.push((u.to_string(), state.to_string()));
+    // Units still starting get more time (up to a minute); a unit that
+    // failed, or that systemd restarted, is failed.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut states = remote::UnitState::parse_all(&out.stdout);
+    loop {
+        let starting: Vec<String> = states
+            .iter()
+            .filter(|s| s.health() == remote::Health::Starting)
+            .map(|s| s.unit.clone())
+            .collect();
+        if starting.is_empty() || Instant::now() > deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        let out = t.run_checked("unit states", &remote::unit_states(&starting), timeout)?;
+        for fresh in remote::UnitState::parse_all(&out.stdout) {
+            if let Some(s) = states.iter_mut().find(|s| s.unit == fresh.unit) {
+                *s = fresh;
+            }
         }
     }
-    Ok(failed)
+    Ok(states
+        .iter()
+        .filter(|s| s.health() != remote::Health::Up)
+        .map(|s| (s.unit.clone(), s.describe()))
+        .collect())
 }
 
 fn unit_logs(t: &dyn Transport, failed: &[(String, String)], timeout: Duration) -> String {

@@ -459,15 +459,93 @@ pub fn activate(
     s.push_str("cat \"$ST.log\"\nrm -f \"$ST\" \"$ST.log\"\n");
     if !check.is_empty() {
         let _ = writeln!(s, "sleep {settle_secs}");
-        for u in check {
-            let _ = writeln!(
-                s,
-                "printf 'active %s %s\\n' {u} \"$(systemctl is-active {u})\"",
-                u = quote(u)
-            );
-        }
+        s.push_str(&unit_states(check));
     }
     s
+}
+
+/// A fragment printing `unit <name> <key>=<value>...` for each unit: the
+/// properties [`UnitState`] reads.
+pub fn unit_states(units: &[String]) -> String {
+    let mut s = String::new();
+    for u in units {
+        let _ = writeln!(
+            s,
+            "printf 'unit %s %s\\n' {u} \"$(systemctl show -p ActiveState -p SubState -p Result -p NRestarts -p Type {u} | tr '\\n' ' ')\"",
+            u = quote(u)
+        );
+    }
+    s
+}
+
+/// A unit's state after an activation.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UnitState {
+    pub unit: String,
+    pub active: String,
+    pub sub: String,
+    pub result: String,
+    pub restarts: u64,
+    pub kind: String,
+}
+
+/// How an activated unit is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    /// Running (or, for a oneshot unit, ran) without a failure or restart.
+    Up,
+    /// Still starting: look again.
+    Starting,
+    Failed,
+}
+
+impl UnitState {
+    /// Parse the `unit ...` lines of [`unit_states`].
+    pub fn parse_all(out: &str) -> Vec<UnitState> {
+        out.lines()
+            .filter_map(|l| l.strip_prefix("unit "))
+            .filter_map(|rest| {
+                let (unit, props) = rest.split_once(' ')?;
+                let mut st = UnitState {
+                    unit: unit.to_string(),
+                    ..UnitState::default()
+                };
+                for kv in props.split_whitespace() {
+                    match kv.split_once('=') {
+                        Some(("ActiveState", v)) => st.active = v.into(),
+                        Some(("SubState", v)) => st.sub = v.into(),
+                        Some(("Result", v)) => st.result = v.into(),
+                        Some(("NRestarts", v)) => st.restarts = v.parse().unwrap_or(0),
+                        Some(("Type", v)) => st.kind = v.into(),
+                        _ => {}
+                    }
+                }
+                Some(st)
+            })
+            .collect()
+    }
+
+    pub fn health(&self) -> Health {
+        let clean = self.result == "success" && self.restarts == 0;
+        match (self.active.as_str(), self.sub.as_str()) {
+            ("active", _) if clean => Health::Up,
+            ("inactive", _) if clean && self.kind == "oneshot" => Health::Up,
+            ("activating" | "reloading", sub) if clean && sub != "auto-restart" => Health::Starting,
+            _ => Health::Failed,
+        }
+    }
+
+    /// In words, for an error message.
+    pub fn describe(&self) -> String {
+        let mut s = format!("{} ({})", self.active, self.sub);
+        if self.result != "success" && !self.result.is_empty() {
+            s.push_str(&format!(", result {}", self.result));
+        }
+        if self.restarts > 0 {
+            s.push_str(&format!(", restarted {} time(s) by systemd", self.restarts));
+        }
+        s
+    }
 }
 
 /// The last journal lines of units that failed, for the error message.
@@ -482,4 +560,34 @@ pub fn unit_logs(units: &[String]) -> String {
         );
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unit_health_is_read_from_systemctl_show() {
+        let out = "unit a.service ActiveState=active SubState=running Result=success NRestarts=0 Type=simple \n\
+                   unit b.service ActiveState=activating SubState=auto-restart Result=exit-code NRestarts=2 Type=simple \n\
+                   unit c.service ActiveState=inactive SubState=dead Result=success NRestarts=0 Type=oneshot \n\
+                   unit d.service ActiveState=activating SubState=start Result=success NRestarts=0 Type=notify \n\
+                   unit e.service ActiveState=active SubState=running Result=success NRestarts=1 Type=simple \n\
+                   unit f.service ActiveState=inactive SubState=dead Result=success NRestarts=0 Type=simple \n";
+        let h: Vec<Health> = UnitState::parse_all(out)
+            .iter()
+            .map(UnitState::health)
+            .collect();
+        assert_eq!(
+            h,
+            vec![
+                Health::Up,
+                Health::Failed,
+                Health::Up,
+                Health::Starting,
+                Health::Failed,
+                Health::Failed
+            ]
+        );
+    }
 }
