@@ -9,9 +9,11 @@
 //! - [`build`]: plans, local builds, the parallel scheduler.
 //! - [`platform`]: system strings (`x86_64-linux`, ...).
 //! - [`cache`]: binary caches (export, verified import, substitution).
+//! - [`ci`]: `punix ci matrix`, GitHub Actions workflows for the CI route.
 
 pub mod build;
 pub mod cache;
+pub mod ci;
 pub mod config;
 pub mod deploy;
 pub mod error;

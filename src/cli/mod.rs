@@ -3,6 +3,7 @@
 
 mod build;
 mod builders;
+mod ci;
 mod progress;
 mod service;
 mod store;
@@ -44,6 +45,10 @@ pub enum Command {
     /// Manage the build farm: list, add, remove and check builders.
     #[command(subcommand)]
     Builders(builders::BuildersCommand),
+    /// Write CI workflows: `punix ci matrix` builds a stack per system on
+    /// GitHub-hosted runners and deploys it.
+    #[command(subcommand)]
+    Ci(ci::CiCommand),
 }
 
 pub fn parse() -> Cli {
@@ -70,6 +75,7 @@ pub fn run(cli: Cli) -> Result<(), Error> {
         Command::Store(cmd) => store::run(&cx, cmd),
         Command::Service(cmd) => service::run(&cx, cmd),
         Command::Builders(cmd) => builders::run(&cx, cmd),
+        Command::Ci(cmd) => ci::run(&cx, cli.store_root.as_deref(), cmd),
     }
 }
 
