@@ -60,6 +60,11 @@ impl TargetArgs {
         if self.transport_root.is_some() {
             return self.open();
         }
+        self.connect(url)
+    }
+
+    /// Connect over SSH to `url` with these options.
+    fn connect(&self, url: &str) -> Result<Box<dyn Transport>, Error> {
         let target = SshTarget::parse(url).map_err(Error::Usage)?;
         let opts = SshOptions {
             key: self.key.clone(),
@@ -70,6 +75,7 @@ impl TargetArgs {
         Ok(Box::new(SshTransport::connect(&target, &opts)?))
     }
 
+    /// Open the one target of a command that takes one.
     pub fn open(&self) -> Result<Box<dyn Transport>, Error> {
         if let Some(root) = &self.transport_root {
             let root = punix::config::absolute(root);
@@ -91,14 +97,7 @@ impl TargetArgs {
                 ));
             }
         };
-        let target = SshTarget::parse(url).map_err(Error::Usage)?;
-        let opts = SshOptions {
-            key: self.key.clone(),
-            known_hosts: self.known_hosts.clone(),
-            connect_timeout: Duration::from_secs(self.connect_timeout),
-            op_timeout: Duration::from_secs(self.timeout),
-        };
-        Ok(Box::new(SshTransport::connect(&target, &opts)?))
+        self.connect(url)
     }
 }
 

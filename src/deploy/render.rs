@@ -58,40 +58,36 @@ impl Desired {
 /// Quote one word for a systemd command line (`ExecStart=`): double quotes
 /// when needed, `\` and `"` escaped, `%` and `$` doubled.
 pub fn systemd_quote(word: &str) -> String {
-    let escaped: String = word
-        .chars()
-        .flat_map(|c| match c {
-            '%' => vec!['%', '%'],
-            '$' => vec!['$', '$'],
-            '\\' => vec!['\\', '\\'],
-            '"' => vec!['\\', '"'],
-            c => vec![c],
-        })
-        .collect();
     let plain = !word.is_empty()
         && word
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || "/._-+=:,@".contains(c));
     if plain {
-        escaped
+        systemd_escape(word)
     } else {
-        format!("\"{escaped}\"")
+        format!("\"{}\"", systemd_escape(word))
     }
+}
+
+/// Escape for a double-quoted systemd value: `\` and `"` backslashed,
+/// `%` (specifiers) and `$` (variable expansion) doubled.
+fn systemd_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '%' => out.push_str("%%"),
+            '$' => out.push_str("$$"),
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 /// `Environment="K=V"` value quoting.
 fn env_assignment(k: &str, v: &str) -> String {
-    let escaped: String = format!("{k}={v}")
-        .chars()
-        .flat_map(|c| match c {
-            '%' => vec!['%', '%'],
-            '$' => vec!['$', '$'],
-            '\\' => vec!['\\', '\\'],
-            '"' => vec!['\\', '"'],
-            c => vec![c],
-        })
-        .collect();
-    format!("\"{escaped}\"")
+    format!("\"{}\"", systemd_escape(&format!("{k}={v}")))
 }
 
 /// The unit file name of a service.
