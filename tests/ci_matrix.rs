@@ -660,6 +660,39 @@ fn build_job_commands_make_the_cache_that_the_deploy_job_imports_and_deploys() {
     assert!(text(&out.stdout).contains("PUNIX_KNOWN_HOSTS is missing or empty"));
 }
 
+/// docs/ci-matrix.md shows the workflow for `examples/` in full: it must be
+/// what this punix writes.
+#[test]
+fn the_workflow_in_the_docs_is_the_real_output() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (yaml, _) = ok(punix(
+        tmp.path(),
+        &[
+            "ci",
+            "matrix",
+            "--file",
+            "examples/",
+            "--stack",
+            "Demo",
+            "--deploy-target",
+            TARGET,
+        ],
+        &[],
+    ));
+    let doc = fs::read_to_string(manifest_dir().join("docs/ci-matrix.md")).unwrap();
+    let marker = "`.github/workflows/punix-release.yml`:\n\n```yaml\n";
+    let start = doc
+        .find(marker)
+        .expect("the workflow block in docs/ci-matrix.md")
+        + marker.len();
+    let end = start + doc[start..].find("```\n").unwrap();
+    assert_eq!(
+        &doc[start..end],
+        yaml,
+        "docs/ci-matrix.md is out of date: paste the output of `punix ci matrix --file examples/ --stack Demo --deploy-target {TARGET}`"
+    );
+}
+
 #[test]
 fn the_projects_own_workflow_parses_and_tests_on_both_runners() {
     let path = manifest_dir().join("ci/github/ci.yml");
