@@ -13,8 +13,10 @@
 //! through, the tree's content hash is computed again (the same
 //! serialisation as [`crate::store::content_hash`]) and so is the sha256 of
 //! the compressed bytes. zstd runs at level 3 with a frame checksum, in
-//! worker threads, so reading and hashing overlap with compression. The
-//! same entry always gives the same tar.
+//! worker threads (one per core, at most [`MAX_WORKERS`], jobs of 1 MiB),
+//! so reading and hashing overlap with compression and memory stays at
+//! about 10 MiB plus 8 MiB per worker. The same entry always gives the
+//! same tar (and, with the same zstd and worker count, the same bytes).
 //!
 //! **Unpacking** runs in two threads joined by a small bounded queue: one
 //! reads the raw bytes (sha256 and a size cap on the way) and decompresses
@@ -66,12 +68,23 @@ pub struct Packed {
     pub unpacked_size: u64,
 }
 
-/// Compression workers: zstd's own threads, beside the one that reads.
+/// Compression workers: zstd's own threads, beside the one that reads
+/// and hashes; one per core, at most [`MAX_WORKERS`].
 pub fn workers() -> u32 {
     std::thread::available_parallelism()
-        .map(|n| n.get().min(4) as u32)
+        .map(|n| n.get().min(MAX_WORKERS as usize) as u32)
         .unwrap_or(1)
 }
+
+/// At most this many compression workers: each costs about 8 MiB (its
+/// jobs' input and output buffers and its context at level 3).
+pub const MAX_WORKERS: u32 = 4;
+
+/// The input of one compression job. zstd's default at level 3 is 8 MiB,
+/// which with its buffering made 2 workers hold about 100 MiB; 1 MiB
+/// jobs keep a worker at about 8 MiB and compress as well (the jobs
+/// overlap by a part of the window).
+const JOB_SIZE: u32 = 1 << 20;
 
 /// A writer that counts and hashes what passes through.
 struct Hashing<W> {
@@ -118,6 +131,7 @@ pub fn pack<W: Write>(
     )?;
     enc.include_checksum(true)?;
     enc.multithread(workers())?;
+    enc.set_parameter(zstd::zstd_safe::CParameter::JobSize(JOB_SIZE))?;
     let mut tar = tar::Builder::new(enc);
     tar.mode(tar::HeaderMode::Deterministic);
     let mut p = Packer {
@@ -684,10 +698,12 @@ impl Extract<'_> {
                         continue;
                     }
                     let exec = entry.header().mode().map_err(corrupt)? & 0o111 != 0;
+                    // Read-only from the start (the descriptor can still
+                    // write): the store's install then has nothing to chmod.
                     let mut f = OpenOptions::new()
                         .write(true)
                         .create_new(true)
-                        .mode(if exec { 0o755 } else { 0o644 })
+                        .mode(if exec { 0o555 } else { 0o444 })
                         .open(&dest)
                         .map_err(local("cannot create"))?;
                     let mut copied = 0u64;
@@ -707,8 +723,11 @@ impl Extract<'_> {
                         )));
                     }
                     // Umask must not take the execute bits away.
-                    if exec {
-                        fs::set_permissions(&dest, fs::Permissions::from_mode(0o755))
+                    if exec
+                        && f.metadata()
+                            .is_ok_and(|m| m.permissions().mode() & 0o111 == 0)
+                    {
+                        fs::set_permissions(&dest, fs::Permissions::from_mode(0o555))
                             .map_err(local("cannot set the mode of"))?;
                     }
                     self.kinds.insert(rel, Kind::File);

@@ -3,6 +3,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use serde::Serialize;
 
@@ -168,25 +170,102 @@ pub(super) fn fetch(
     // Builds hold this lock shared too; gc, which removes every
     // temporary, holds it exclusively.
     let _gc = store.lock_gc(LockMode::Shared, true)?;
-    for name in order {
-        let info = &metas[&name];
-        observer.event(Event::Started {
-            name: &name,
-            bytes: info.archive_size,
-        });
-        if import_entry(cache, store, info, observer)? {
-            report.bytes += info.archive_size;
-            report.fetched.push(name.clone());
-        } else {
-            report.present.push(name.clone());
+    for level in levels(&order, &metas) {
+        let results = import_level(cache, store, &level, &metas, observer);
+        let mut first_err = None;
+        for (name, result) in level.iter().zip(results) {
+            match result {
+                Some(Ok(true)) => {
+                    report.bytes += metas[name].archive_size;
+                    report.fetched.push(name.clone());
+                }
+                Some(Ok(false)) => report.present.push(name.clone()),
+                Some(Err(e)) => {
+                    first_err.get_or_insert(e);
+                }
+                None => {}
+            }
         }
-        observer.event(Event::Finished {
-            name: &name,
-            bytes: info.archive_size,
-        });
+        if let Some(e) = first_err {
+            return Err(e);
+        }
     }
     report.present.sort();
     Ok(report)
+}
+
+/// Entries imported at once. Each import alternates between the CPU
+/// (decompressing, hashing) and waiting (creating files, syncing before
+/// the rename), so two per core keep the cores busy; more only costs
+/// memory (a few MiB each).
+fn import_jobs() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get().clamp(2, 8))
+        .unwrap_or(2)
+}
+
+/// `order` cut into levels: an entry comes in the level after the last
+/// of its references in `metas`, so each level needs only the ones before.
+fn levels(order: &[String], metas: &BTreeMap<String, EntryInfo>) -> Vec<Vec<String>> {
+    let mut level_of: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut levels: Vec<Vec<String>> = Vec::new();
+    for name in order {
+        let l = metas[name]
+            .references
+            .iter()
+            .filter_map(|r| level_of.get(r.as_str()).map(|l| l + 1))
+            .max()
+            .unwrap_or(0);
+        level_of.insert(name, l);
+        if levels.len() <= l {
+            levels.resize(l + 1, Vec::new());
+        }
+        levels[l].push(name.clone());
+    }
+    levels
+}
+
+/// Import the entries of one level, [`import_jobs`] at a time; after a
+/// failure, no new one starts (`None` for those).
+fn import_level(
+    cache: &Cache,
+    store: &Store,
+    level: &[String],
+    metas: &BTreeMap<String, EntryInfo>,
+    observer: &dyn Observer,
+) -> Vec<Option<Result<bool, CacheError>>> {
+    let next = AtomicUsize::new(0);
+    let failed = AtomicBool::new(false);
+    let results: Mutex<Vec<Option<Result<bool, CacheError>>>> =
+        Mutex::new((0..level.len()).map(|_| None).collect());
+    std::thread::scope(|s| {
+        for _ in 0..import_jobs().min(level.len()) {
+            s.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, Ordering::SeqCst);
+                    if i >= level.len() || failed.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    let info = &metas[&level[i]];
+                    observer.event(Event::Started {
+                        name: &info.name,
+                        bytes: info.archive_size,
+                    });
+                    let r = import_entry(cache, store, info, observer);
+                    if r.is_err() {
+                        failed.store(true, Ordering::SeqCst);
+                    } else {
+                        observer.event(Event::Finished {
+                            name: &info.name,
+                            bytes: info.archive_size,
+                        });
+                    }
+                    results.lock().unwrap_or_else(|e| e.into_inner())[i] = Some(r);
+                }
+            });
+        }
+    });
+    results.into_inner().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The names of `metas`, each after the references it has in `metas`;
@@ -421,6 +500,16 @@ mod tests {
         let order = references_first(&metas).expect("order");
         let pos = |n: &str| order.iter().position(|x| x == n).expect("in order");
         assert!(pos(&a.name) < pos(&b.name) && pos(&b.name) < pos(&c.name));
+        let d = info("d", &[]);
+        let mut with_d = metas.clone();
+        with_d.insert(d.name.clone(), d.clone());
+        let order = references_first(&with_d).expect("order");
+        let mut first = vec![a.name.clone(), d.name.clone()];
+        first.sort();
+        assert_eq!(
+            levels(&order, &with_d),
+            vec![first, vec![b.name.clone()], vec![c.name.clone()]]
+        );
         let mut cyclic = metas.clone();
         if let Some(x) = cyclic.get_mut(&a.name) {
             x.references = vec![c.name.clone()];
