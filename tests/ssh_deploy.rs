@@ -951,3 +951,98 @@ content = "mixed\n"
         ))
         .status();
 }
+
+#[test]
+fn a_mixed_arch_stack_from_a_binary_cache_deploys_with_no_builder() {
+    let Some(c) = Ctx::new("a_mixed_arch_cache_deploy", "h1", "tbdeploy") else {
+        return;
+    };
+    let arm = c.tb.host("arm1").cloned().expect("the testbed has arm1");
+    let registry = c.local.path().join("builders.toml");
+    fs::write(
+        &registry,
+        format!(
+            "[[builder]]\nname = \"arm1\"\nurl = \"{}\"\nkey = \"{}\"\nknown-hosts = \"{}\"\nsystems = [\"aarch64-linux\"]\n",
+            arm.url(&c.user),
+            c.tb.key.display(),
+            c.tb.known_hosts.display()
+        ),
+    )
+    .unwrap();
+    c.file(
+        "pkgs.toml",
+        "[package.Tool]\npname = \"tool\"\nversion = \"2\"\nscript = '''\nmkdir -p \"$out/bin\"\ncp \"$(command -v rsync)\" \"$out/bin/tool\"\n'''\n",
+    );
+    c.file("stack.toml", "[stack.Cached]\nstore-modules = [\"Tool\"]\n");
+    let pkgs = c.pkgs().display().to_string();
+    // Build both systems' closures (aarch64 on the builder) and export
+    // them into one directory cache.
+    let cache = c.local.path().join("cache");
+    for system in ["x86_64-linux", "aarch64-linux"] {
+        ok(&c
+            .cmd()
+            .args(["build", "--file", &pkgs, "--system", system])
+            .args(["--builders", registry.to_str().unwrap()])
+            .output()
+            .unwrap());
+        ok(&c
+            .cmd()
+            .args([
+                "store", "export", "--file", &pkgs, "Cached", "--system", system,
+            ])
+            .args(["--to", cache.to_str().unwrap()])
+            .output()
+            .unwrap());
+    }
+    // A fresh store: nothing built, no builder registered, no local
+    // builds: everything comes from the cache, verified on import.
+    let store = c.store();
+    let _ = Command::new("sh")
+        .arg("-c")
+        .arg(format!("chmod -R u+w {s}; rm -rf {s}", s = store.display()))
+        .status();
+    let out = c
+        .cmd()
+        .args(["service", "deploy", "Cached", "--file", &pkgs, "-j", "0"])
+        .args(["--cache", cache.to_str().unwrap()])
+        .args([
+            "--builders",
+            c.local.path().join("none.toml").to_str().unwrap(),
+        ])
+        .args([
+            "--target",
+            &c.host.url(&c.user),
+            "--target",
+            &arm.url(&c.user),
+        ])
+        .args(["--key", c.tb.key.to_str().unwrap()])
+        .args(["--known-hosts", c.tb.known_hosts.to_str().unwrap()])
+        .args([
+            "--deployments-root",
+            c.remote().join("deployments").to_str().unwrap(),
+        ])
+        .arg("--json")
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&ok(&out)).unwrap();
+    assert_eq!(v["ok"], true, "{v}");
+    for row in v["targets"].as_array().unwrap() {
+        assert_eq!(row["report"]["built"], 0, "nothing was built: {row}");
+        assert_eq!(row["report"]["generation"], 1, "{row}");
+    }
+    ok(&c.cmd().args(["store", "verify"]).output().unwrap());
+    let _ = Command::new("ssh")
+        .args([
+            "-F",
+            c.tb.ssh_config.to_str().unwrap(),
+            "-l",
+            &c.user,
+            "arm1",
+        ])
+        .arg(format!(
+            "chmod -R u+w {r} /tmp/punix-ssh-{id}; rm -rf {r} /tmp/punix-ssh-{id}",
+            r = c.remote().display(),
+            id = c.id
+        ))
+        .status();
+}

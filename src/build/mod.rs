@@ -78,14 +78,24 @@ impl Placement {
     /// The `--explain` lines: the choice, then each rejected machine.
     pub fn explain(&self) -> String {
         let short = self.name.get(33..).unwrap_or(&self.name);
-        let mut s = format!(
-            "{module} ({short}, {system}): built on {machine} ({via}): {why}",
-            module = self.module,
-            system = self.system,
-            machine = self.machine,
-            via = self.via,
-            why = self.why
-        );
+        let mut s = if self.machine == "cache" {
+            format!(
+                "{module} ({short}, {system}): fetched from the cache {via}: {why}",
+                module = self.module,
+                system = self.system,
+                via = self.via,
+                why = self.why
+            )
+        } else {
+            format!(
+                "{module} ({short}, {system}): built on {machine} ({via}): {why}",
+                module = self.module,
+                system = self.system,
+                machine = self.machine,
+                via = self.via,
+                why = self.why
+            )
+        };
         for r in &self.rejected {
             s.push_str(&format!(
                 "\n  - not {}: {}",

@@ -58,6 +58,11 @@ pub struct BuildArgs {
     /// ~/.punix/builders.toml].
     #[arg(long, value_name = "FILE")]
     pub builders: Option<PathBuf>,
+    /// A binary cache to fetch built paths from before building (a
+    /// directory, `file://` or `http(s)://` URL); more than once for
+    /// several. The `[[cache]]` entries of the registry come after these.
+    #[arg(long = "cache", value_name = "URL", action = clap::ArgAction::Append)]
+    pub caches: Vec<String>,
 
     /// Say for each package where it is built and why not elsewhere (also
     /// with `-v`).
@@ -172,6 +177,12 @@ pub fn run(cx: &Context, args: BuildArgs) -> Result<(), Error> {
     route_opts.local = local;
     route_opts.local_features = cx.config.features.clone();
     route_opts.registry = (!registry.path.as_os_str().is_empty()).then(|| registry.path.clone());
+    route_opts.caches = args
+        .caches
+        .iter()
+        .chain(&registry.caches)
+        .cloned()
+        .collect();
 
     if args.dry_run {
         print_dry_run(&plan, &need, args.json)?;

@@ -143,6 +143,11 @@ pub struct DeployArgs {
     /// ~/.punix/builders.toml].
     #[arg(long, value_name = "FILE")]
     pub builders: Option<PathBuf>,
+    /// A binary cache to fetch built paths from before building (a
+    /// directory, `file://` or `http(s)://` URL); more than once for
+    /// several. The `[[cache]]` entries of the registry come after these.
+    #[arg(long = "cache", value_name = "URL", action = clap::ArgAction::Append)]
+    pub caches: Vec<String>,
     /// Print one JSON object with the result on stdout.
     #[arg(long)]
     pub json: bool,
@@ -221,6 +226,7 @@ pub fn run(cx: &Context, cmd: ServiceCommand) -> Result<(), Error> {
             route.local = a.jobs != Some(0) && !a.builders_only;
             route.local_features = cx.config.features.clone();
             route.registry = (!registry.path.as_os_str().is_empty()).then(|| registry.path.clone());
+            route.caches = a.caches.iter().chain(&registry.caches).cloned().collect();
             let opts = DeployOptions {
                 recipes_path: path,
                 stack: a.stack.clone(),

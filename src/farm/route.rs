@@ -80,6 +80,9 @@ pub struct RouteOptions {
     pub build_timeout: Duration,
     /// The registry the builders came from, for messages.
     pub registry: Option<PathBuf>,
+    /// Binary caches (directory, `file://` or `http(s)://` URLs) to
+    /// substitute from before anything is built, in order.
+    pub caches: Vec<String>,
 }
 
 /// The default connect timeout for builders.
@@ -98,6 +101,7 @@ impl RouteOptions {
             connect_timeout: CONNECT_TIMEOUT,
             build_timeout: BUILD_TIMEOUT,
             registry: None,
+            caches: Vec::new(),
         }
     }
 }
@@ -117,6 +121,7 @@ pub fn realise_routed(
     builders: &[Builder],
     observer: &dyn Observer,
 ) -> Result<Report, BuildError> {
+    let substituted = substitute(store, plan, &options.caches, observer);
     let need = scheduler::missing(store, plan);
     preflight(plan, &need, options, builders)?;
     let router = Router::new(store, plan, options, builders, observer);
@@ -126,8 +131,64 @@ pub fn realise_routed(
         .into_inner()
         .unwrap_or_else(|e| e.into_inner());
     placements.retain(|p| report.built.contains(&p.name) || report.present.contains(&p.name));
+    placements.extend(substituted);
     report.placements = placements;
     Ok(report)
+}
+
+/// Fetch from the binary caches, in order, what they have of the plan's
+/// missing entries: one batched query per cache, every entry verified on
+/// import (content hash recomputed) before it lands in the store. A cache
+/// that cannot be read is passed over (the entries are then built); the
+/// placements say where each fetched entry came from.
+fn substitute(
+    store: &Store,
+    plan: &Plan,
+    caches: &[String],
+    observer: &dyn Observer,
+) -> Vec<Placement> {
+    let mut placements = Vec::new();
+    let mut notes: Vec<Rejection> = Vec::new();
+    for url in caches {
+        let need = scheduler::missing(store, plan);
+        if need.is_empty() {
+            break;
+        }
+        let outcome = crate::cache::Cache::open(url).and_then(|cache| {
+            cache.check(store.root())?;
+            let have = cache.has_many(&need)?;
+            if have.is_empty() {
+                return Ok(Vec::new());
+            }
+            cache.fetch_into(store, &have, &crate::cache::Silent)?;
+            Ok(have.into_iter().collect::<Vec<_>>())
+        });
+        match outcome {
+            Ok(fetched) => {
+                for name in fetched {
+                    let Some(node) = plan.nodes.get(&name) else {
+                        continue;
+                    };
+                    let p = Placement {
+                        module: node.module.clone(),
+                        name: name.clone(),
+                        system: node.drv.system.clone(),
+                        machine: "cache".into(),
+                        via: url.clone(),
+                        why: "the cache has it (verified on import)".into(),
+                        rejected: notes.clone(),
+                    };
+                    observer.placed(&p);
+                    placements.push(p);
+                }
+            }
+            Err(e) => notes.push(Rejection {
+                machine: format!("cache {url}"),
+                reason: e.to_string().lines().next().unwrap_or_default().to_string(),
+            }),
+        }
+    }
+    placements
 }
 
 /// Where `plan`'s missing derivations could go, without building or
