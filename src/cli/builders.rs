@@ -413,6 +413,7 @@ fn list(cx: &Context, a: ListArgs) -> Result<(), Error> {
     if reg.builders.is_empty() {
         println!("no builders in {}", reg.path.display());
         println!("  hint: add one with `punix builders add NAME ssh://USER@HOST[:PORT]`");
+        print_caches(&reg, !a.no_probe, &cx.store_root);
         return Ok(());
     }
     let mut header = vec!["NAME", "URL", "SYSTEMS", "JOBS", "SPEED", "FEATURES"];
@@ -459,7 +460,34 @@ fn list(cx: &Context, a: ListArgs) -> Result<(), Error> {
             }
         }
     }
+    print_caches(&reg, !a.no_probe, &cx.store_root);
     Ok(())
+}
+
+/// Whether a binary cache answers: `ok`, or the first line of its error.
+fn cache_status(url: &str, store_root: &Path) -> String {
+    match punix::cache::Cache::open(url).and_then(|c| c.check(store_root)) {
+        Ok(_) => "ok".into(),
+        Err(e) => e.to_string().lines().next().unwrap_or_default().to_string(),
+    }
+}
+
+/// The registry's `[[cache]]` entries, with whether each answers.
+fn print_caches(reg: &Registry, probe: bool, store_root: &Path) {
+    if reg.caches.is_empty() {
+        return;
+    }
+    println!();
+    let mut rows = vec![vec!["CACHE".to_string(), "STATUS".to_string()]];
+    for url in &reg.caches {
+        let status = if probe {
+            cache_status(url, store_root)
+        } else {
+            "-".into()
+        };
+        rows.push(vec![url.clone(), status]);
+    }
+    print_table(&rows);
 }
 
 fn list_json(
@@ -498,7 +526,14 @@ fn list_json(
         "registry": reg.path,
         "store_root": store_root,
         "builders": builders,
-        "caches": reg.caches,
+        "caches": reg
+            .caches
+            .iter()
+            .map(|url| json!({
+                "url": url,
+                "status": statuses.map(|_| cache_status(url, store_root)),
+            }))
+            .collect::<Vec<_>>(),
     })
 }
 

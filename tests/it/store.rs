@@ -396,3 +396,56 @@ fn a_relative_root_in_the_config_file_is_refused() {
         "{stderr}"
     );
 }
+
+#[test]
+fn builders_list_shows_the_registry_caches_and_whether_they_answer() {
+    let t = Test::new();
+    // A real (empty) cache made by an export of nothing but a built entry.
+    t.file(
+        "p.toml",
+        "[package.A]\npname = \"a\"\nversion = \"1\"\nscript = 'mkdir -p \"$out\"'\n",
+    );
+    t.build(&[]).success();
+    let cache = t.path().join("cache");
+    let pkgs = t.pkgs();
+    t.run(&[
+        "store",
+        "export",
+        "--file",
+        pkgs.to_str().unwrap(),
+        "A",
+        "--to",
+        cache.to_str().unwrap(),
+    ])
+    .success();
+    let reg = t.path().join("builders.toml");
+    fs::write(
+        &reg,
+        format!(
+            "[[cache]]\nurl = \"{}\"\n\n[[cache]]\nurl = \"{}\"\n",
+            cache.display(),
+            t.path().join("missing").display()
+        ),
+    )
+    .unwrap();
+    let r = t
+        .run(&["builders", "list", "--builders", reg.to_str().unwrap()])
+        .success();
+    let line = |needle: &str| {
+        r.stdout
+            .lines()
+            .find(|l| l.starts_with(needle))
+            .unwrap_or_else(|| panic!("no line for {needle}:\n{}", r.stdout))
+            .to_string()
+    };
+    assert!(
+        line(cache.to_str().unwrap()).ends_with("ok"),
+        "{}",
+        r.stdout
+    );
+    assert!(
+        line(t.path().join("missing").to_str().unwrap()).contains("is not a punix binary cache"),
+        "{}",
+        r.stdout
+    );
+}
