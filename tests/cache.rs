@@ -219,7 +219,7 @@ fn export_then_import_into_a_fresh_store() {
 }
 
 #[test]
-fn export_names_what_is_not_built() {
+fn export_refuses_what_is_missing_or_damaged() {
     let t = Test::new();
     let ex = examples();
     let to = cache_dir(&t).display().to_string();
@@ -250,6 +250,36 @@ fn export_names_what_is_not_built() {
         .run(&["store", "export", "--file", &ex, "Dmeo", "--to", &to])
         .failure(1);
     assert!(r.stderr.contains("did you mean `Demo`?"), "{}", r.stderr);
+
+    // An entry changed after it was built is refused, and nothing of it
+    // is left in the cache.
+    t.run(&["build", "--file", &ex, "Site"]).success();
+    let site = t.store().join(name_of(&t, "Site"));
+    let file = fs::read_dir(&site)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.is_file() && !p.ends_with("built") && !p.ends_with("derivation.json"))
+        .unwrap();
+    Command::new("chmod")
+        .arg("u+w")
+        .arg(&file)
+        .status()
+        .unwrap();
+    fs::write(&file, "tampered\n").unwrap();
+    let r = t
+        .run(&["store", "export", "--file", &ex, "Site", "--to", &to])
+        .failure(1);
+    assert!(
+        r.stderr.contains("changed after it was built") && r.stderr.contains("--repair"),
+        "{}",
+        r.stderr
+    );
+    let left: Vec<String> = fs::read_dir(cache_dir(&t))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("site"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
 }
 
 /// `python3 -m http.server` serving a directory on a free loopback port,

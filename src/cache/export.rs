@@ -5,7 +5,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, OpenOptions};
 use std::io::BufWriter;
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
 
 use serde::Serialize;
 
@@ -165,13 +166,54 @@ where
         present: report.skipped.len(),
         bytes: sizes.iter().sum(),
     });
-    for (name, size) in todo.iter().zip(sizes) {
-        observer.event(Event::Started { name, bytes: size });
-        let written = export_entry(dir, store, name, observer)?;
-        report.bytes += written.archive_size;
-        report.unpacked += written.unpacked_size;
+    // Two stages: this thread packs entry after entry into temporaries;
+    // a second one syncs each, renames it and writes its metadata, in the
+    // same order (references first), so waiting for the disk overlaps
+    // with packing the next entry.
+    let finished = std::thread::scope(|s| {
+        let (tx, rx) = mpsc::sync_channel::<Pending>(1);
+        let finisher = s.spawn(move || -> Result<Vec<archive::Packed>, CacheError> {
+            let mut done = Vec::new();
+            for mut p in rx {
+                finish(dir, &mut p)?;
+                observer.event(Event::Finished {
+                    name: &p.name,
+                    bytes: p.size,
+                });
+                done.push(p.packed.clone());
+            }
+            Ok(done)
+        });
+        let mut packing = Ok(());
+        for (name, size) in todo.iter().zip(sizes) {
+            observer.event(Event::Started { name, bytes: size });
+            match pack_entry(dir, store, name, size, observer) {
+                // A closed queue: the finisher failed and says why.
+                Ok(p) => {
+                    if tx.send(p).is_err() {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    packing = Err(e);
+                    break;
+                }
+            }
+        }
+        drop(tx);
+        let finished = finisher.join().unwrap_or_else(|_| {
+            Err(CacheError::Write {
+                name: String::new(),
+                path: dir.display().to_string(),
+                source: std::io::Error::other("the finishing thread panicked"),
+            })
+        });
+        packing.and(finished)
+    })?;
+    for (name, packed) in todo.iter().zip(finished) {
+        report.bytes += packed.archive_size;
+        report.unpacked += packed.unpacked_size;
         report.exported.push(name.clone());
-        observer.event(Event::Finished { name, bytes: size });
     }
     write_index(dir)?;
     Ok(report)
@@ -201,75 +243,114 @@ fn references_first(inputs: &BTreeMap<String, Vec<String>>) -> Vec<String> {
     out
 }
 
-/// Write one entry's archive, then its metadata.
-fn export_entry(
+/// A packed archive in its temporary, waiting to be synced and renamed;
+/// dropped unfinished, it removes the temporary.
+struct Pending {
+    name: String,
+    size: u64,
+    tmp: PathBuf,
+    file: Option<fs::File>,
+    packed: archive::Packed,
+    info: EntryInfo,
+    done: bool,
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+/// Pack one entry into a temporary of the cache directory and check its
+/// content hash against its `built` marker.
+fn pack_entry(
     dir: &Path,
     store: &Store,
     name: &str,
+    size: u64,
     observer: &dyn Observer,
-) -> Result<archive::Packed, CacheError> {
+) -> Result<Pending, CacheError> {
     let built = store.built(name)?;
     let drv = store.derivation(name)?;
-    let final_archive = dir.join(archive_file(name));
     let tmp = dir.join(format!(
         ".{}.tmp-{}",
         archive_file(name),
         files::unique_suffix()
     ));
-    let result = (|| {
-        let file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o644)
-            .open(&tmp)
-            .map_err(ctx("cannot create", &tmp))?;
-        let out = BufWriter::with_capacity(256 * 1024, file);
-        let (out, packed) = archive::pack(&store.entry_path(name), out, &mut |n| {
-            observer.event(Event::Progress { bytes: n })
-        })
-        .map_err(|source| CacheError::Write {
-            name: name.into(),
-            path: tmp.display().to_string(),
-            source,
-        })?;
-        let file = out
-            .into_inner()
-            .map_err(|e| ctx("cannot write", &tmp)(e.into_error()))?;
-        file.sync_all().map_err(ctx("cannot sync", &tmp))?;
-        if packed.content_hash != built.content_hash {
-            return Err(CacheError::Damaged {
-                name: name.into(),
-                expected: built.content_hash.clone(),
-                actual: packed.content_hash,
-            });
-        }
-        fs::rename(&tmp, &final_archive).map_err(ctx("cannot rename into", &final_archive))?;
-        Ok(packed)
-    })();
-    let packed = match result {
-        Ok(p) => p,
-        Err(e) => {
-            let _ = fs::remove_file(&tmp);
-            return Err(e);
-        }
-    };
-    let info = EntryInfo {
-        format: FORMAT,
+    let file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .open(&tmp)
+        .map_err(ctx("cannot create", &tmp))?;
+    let mut pending = Pending {
         name: name.into(),
-        content_hash: built.content_hash,
-        archive: archive_file(name),
-        archive_size: packed.archive_size,
-        archive_sha256: packed.archive_sha256.clone(),
-        unpacked_size: packed.unpacked_size,
-        references: drv.inputs.clone(),
-        system: drv.system.clone(),
-        derivation: drv,
+        size,
+        tmp,
+        file: None,
+        packed: archive::Packed {
+            archive_size: 0,
+            archive_sha256: String::new(),
+            content_hash: String::new(),
+            unpacked_size: 0,
+        },
+        info: EntryInfo {
+            format: FORMAT,
+            name: name.into(),
+            content_hash: built.content_hash.clone(),
+            archive: archive_file(name),
+            archive_size: 0,
+            archive_sha256: String::new(),
+            unpacked_size: 0,
+            references: drv.inputs.clone(),
+            system: drv.system.clone(),
+            derivation: drv,
+        },
+        done: false,
     };
-    let mut text = serde_json::to_string_pretty(&info).unwrap_or_default();
+    let out = BufWriter::with_capacity(256 * 1024, file);
+    let (out, packed) = archive::pack(&store.entry_path(name), out, &mut |n| {
+        observer.event(Event::Progress { bytes: n })
+    })
+    .map_err(|source| CacheError::Write {
+        name: name.into(),
+        path: pending.tmp.display().to_string(),
+        source,
+    })?;
+    let file = out
+        .into_inner()
+        .map_err(|e| ctx("cannot write", &pending.tmp)(e.into_error()))?;
+    if packed.content_hash != built.content_hash {
+        return Err(CacheError::Damaged {
+            name: name.into(),
+            expected: built.content_hash,
+            actual: packed.content_hash,
+        });
+    }
+    pending.info.archive_size = packed.archive_size;
+    pending.info.archive_sha256 = packed.archive_sha256.clone();
+    pending.info.unpacked_size = packed.unpacked_size;
+    pending.packed = packed;
+    pending.file = Some(file);
+    Ok(pending)
+}
+
+/// Sync a packed archive, rename it into place, then write its metadata
+/// atomically (which also syncs the directory, so the rename is durable
+/// before the metadata is).
+fn finish(dir: &Path, p: &mut Pending) -> Result<(), CacheError> {
+    if let Some(file) = p.file.take() {
+        file.sync_all().map_err(ctx("cannot sync", &p.tmp))?;
+    }
+    let final_archive = dir.join(archive_file(&p.name));
+    fs::rename(&p.tmp, &final_archive).map_err(ctx("cannot rename into", &final_archive))?;
+    p.done = true;
+    let mut text = serde_json::to_string_pretty(&p.info).unwrap_or_default();
     text.push('\n');
-    // Also syncs the directory, so the archive's rename is durable first.
-    files::write_atomic(&dir.join(meta_file(name)), text.as_bytes(), 0o644)?;
-    Ok(packed)
+    files::write_atomic(&dir.join(meta_file(&p.name)), text.as_bytes(), 0o644)?;
+    Ok(())
 }
 
 /// Rebuild `punix-index.txt` from the metadata files, under the cache's

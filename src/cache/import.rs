@@ -94,7 +94,7 @@ pub(super) fn fetch(
     wanted: Option<&[String]>,
     observer: &dyn Observer,
 ) -> Result<FetchReport, CacheError> {
-    cache.check(store.root())?;
+    cache.check_observed(store.root(), observer)?;
     let roots: Vec<String> = match wanted {
         Some(w) => {
             for n in w {

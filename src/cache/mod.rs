@@ -312,10 +312,14 @@ impl Cache {
     /// Read `punix-cache.json` (one request): whether the cache answers,
     /// and what it holds.
     pub fn info(&self) -> Result<CacheInfo, CacheError> {
+        self.info_observed(&Silent)
+    }
+
+    fn info_observed(&self, observer: &dyn Observer) -> Result<CacheInfo, CacheError> {
         let file = self.location.describe(CACHE_INFO);
         let bytes = self
             .location
-            .read_small(CACHE_INFO, &Silent)?
+            .read_small(CACHE_INFO, observer)?
             .ok_or_else(|| CacheError::NotACache {
                 url: self.url.clone(),
                 reason: format!("it has no `{CACHE_INFO}`"),
@@ -338,7 +342,15 @@ impl Cache {
 
     /// [`Cache::info`], and refuse a cache made for another store root.
     pub fn check(&self, store_root: &Path) -> Result<CacheInfo, CacheError> {
-        let info = self.info()?;
+        self.check_observed(store_root, &Silent)
+    }
+
+    fn check_observed(
+        &self,
+        store_root: &Path,
+        observer: &dyn Observer,
+    ) -> Result<CacheInfo, CacheError> {
+        let info = self.info_observed(observer)?;
         if Path::new(&info.store_root) != store_root {
             return Err(CacheError::OtherRoot {
                 url: self.url.clone(),

@@ -407,6 +407,12 @@ fn export(store: &Store, a: ExportArgs) -> Result<(), Error> {
             "bytes": report.bytes,
             "unpacked": report.unpacked,
         }));
+    } else if report.exported.is_empty() {
+        eprintln!(
+            "nothing to export: {} already in {}",
+            entries(report.skipped.len()),
+            cache.url()
+        );
     } else {
         eprintln!(
             "exported {} to {} ({} compressed from {}), {} already there",
@@ -442,6 +448,11 @@ fn import(store: &Store, a: ImportArgs) -> Result<(), Error> {
             "present": report.present,
             "bytes": report.bytes,
         }));
+    } else if report.fetched.is_empty() {
+        eprintln!(
+            "nothing to import: {} already in the store",
+            entries(report.present.len())
+        );
     } else {
         for n in &report.fetched {
             println!("{}", store.entry_path(n).display());
@@ -509,7 +520,7 @@ impl cache::Observer for CacheProgress {
                     bytes,
                 },
                 None,
-            ) => eprintln!(
+            ) if n > 0 => eprintln!(
                 "{} {} ({}), {present} already there",
                 self.verb,
                 entries(n),
@@ -528,7 +539,7 @@ impl cache::Observer for CacheProgress {
                 bar,
             ) => {
                 let line = format!(
-                    "note: {url}: {reason}; attempt {} in {:.1}s",
+                    "note: {url}: {reason}; attempt {} in {:.2}s",
                     attempt + 1,
                     wait.as_secs_f64()
                 );
