@@ -287,9 +287,9 @@ cache punix wrote: $CACHE_BYTES bytes (one archive and one metadata file
 per entry); \`tar | zstd\`: $TAR_BYTES bytes. Median wall-clock seconds of
 $ROUNDS interleaved rounds (after one warm-up round; every input in the
 page cache, every output fresh), the range, throughput over the closure's
-file bytes in GB/s (10^9 bytes/s), the speed relative to the \`tar\`/\`zstd\`
-pipeline in the row above it, and for punix its median CPU time and peak
-RSS (the largest of all runs). zstd is $(zstd --version | grep -o 'v[0-9.]*'),
+file bytes in GB/s (10^9 bytes/s), the speed relative to \`tar | zstd\`
+(export) and to \`zstd -d | tar -x\` (import), and for punix its median
+CPU time and peak RSS (the largest of all runs). zstd is $(zstd --version | grep -o 'v[0-9.]*'),
 level 3 for both; punix compresses with $(nproc) zstd worker thread(s).
 
 | command | median s | range s | GB/s | vs tar/zstd | CPU s | peak RSS |

@@ -592,6 +592,26 @@ struct Extract<'a> {
     buf: Vec<u8>,
 }
 
+/// The most a long name, long link or PAX record may hold (Linux paths
+/// are at most 4096 bytes).
+const EXTENSION_LIMIT: u64 = 64 * 1024;
+
+/// The data of an extension member (long name, long link, PAX records).
+fn read_extension<R: Read>(entry: &mut tar::Entry<'_, R>) -> Result<Vec<u8>, UnpackError> {
+    let size = entry.size();
+    if size > EXTENSION_LIMIT {
+        return Err(UnpackError::Unsafe {
+            member: format!("(a tar extension of {size} bytes)"),
+            reason: format!("long names and PAX records may hold at most {EXTENSION_LIMIT} bytes"),
+        });
+    }
+    let mut v = Vec::with_capacity(size as usize);
+    entry
+        .read_to_end(&mut v)
+        .map_err(|e| UnpackError::Corrupt(e.to_string()))?;
+    Ok(v)
+}
+
 /// The checked relative path of a member: `None` for the top itself.
 fn member_path(raw: &[u8]) -> Result<Option<PathBuf>, String> {
     if raw.is_empty() {
@@ -636,16 +656,56 @@ fn normalize(path: &Path) -> PathBuf {
 impl Extract<'_> {
     fn members<R: Read>(&mut self, archive: &mut tar::Archive<R>) -> Result<(), UnpackError> {
         let corrupt = |e: io::Error| UnpackError::Corrupt(e.to_string());
-        for entry in archive.entries().map_err(corrupt)? {
+        // Raw entries: long names and PAX records are read here, with a
+        // size cap, instead of by tar into memory of any size.
+        let mut long_name: Option<Vec<u8>> = None;
+        let mut long_link: Option<Vec<u8>> = None;
+        for entry in archive.entries().map_err(corrupt)?.raw(true) {
             let mut entry = entry.map_err(corrupt)?;
-            let raw_path = entry.path_bytes().into_owned();
+            let kind = entry.header().entry_type();
+            match kind {
+                tar::EntryType::GNULongName | tar::EntryType::GNULongLink => {
+                    let mut v = read_extension(&mut entry)?;
+                    if v.last() == Some(&0) {
+                        v.pop();
+                    }
+                    if kind == tar::EntryType::GNULongName {
+                        long_name = Some(v);
+                    } else {
+                        long_link = Some(v);
+                    }
+                    continue;
+                }
+                tar::EntryType::XHeader => {
+                    let v = read_extension(&mut entry)?;
+                    for ext in tar::PaxExtensions::new(&v) {
+                        let ext = ext.map_err(corrupt)?;
+                        match ext.key_bytes() {
+                            b"path" => long_name = Some(ext.value_bytes().to_vec()),
+                            b"linkpath" => long_link = Some(ext.value_bytes().to_vec()),
+                            _ => {}
+                        }
+                    }
+                    continue;
+                }
+                tar::EntryType::XGlobalHeader => {
+                    read_extension(&mut entry)?;
+                    continue;
+                }
+                _ => {}
+            }
+            let raw_path = long_name
+                .take()
+                .unwrap_or_else(|| entry.header().path_bytes().into_owned());
+            let link_name = long_link
+                .take()
+                .or_else(|| entry.header().link_name_bytes().map(|l| l.into_owned()));
             let shown = String::from_utf8_lossy(&raw_path).into_owned();
             let unsafe_member = |reason: String| UnpackError::Unsafe {
                 member: shown.clone(),
                 reason,
             };
             let rel = member_path(&raw_path).map_err(unsafe_member)?;
-            let kind = entry.header().entry_type();
             let Some(rel) = rel else {
                 if kind.is_dir() {
                     continue; // `./`, the top itself
@@ -733,10 +793,7 @@ impl Extract<'_> {
                     self.kinds.insert(rel, Kind::File);
                 }
                 tar::EntryType::Symlink => {
-                    let target = entry
-                        .link_name_bytes()
-                        .map(|t| t.into_owned())
-                        .unwrap_or_default();
+                    let target = link_name.unwrap_or_default();
                     if target.is_empty() {
                         return Err(unsafe_member("it is a symlink without a target".into()));
                     }
@@ -747,10 +804,7 @@ impl Extract<'_> {
                     self.kinds.insert(rel, Kind::Link);
                 }
                 tar::EntryType::Link => {
-                    let target = entry
-                        .link_name_bytes()
-                        .map(|t| t.into_owned())
-                        .unwrap_or_default();
+                    let target = link_name.unwrap_or_default();
                     let shown_target = String::from_utf8_lossy(&target).into_owned();
                     let t = match member_path(&target) {
                         Ok(Some(t)) => t,
@@ -949,6 +1003,68 @@ mod tests {
             Ok(u) => assert_ne!(u.archive_sha256, packed.archive_sha256),
             Err(e) => panic!("{e:?}"),
         }
+    }
+
+    #[test]
+    fn pax_paths_are_read() {
+        let mut b = tar::Builder::new(Vec::new());
+        let record = b"28 path=deep/name-from-pax.\n";
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(tar::EntryType::XHeader);
+        h.set_size(record.len() as u64);
+        h.set_cksum();
+        b.append(&h, &record[..]).expect("append");
+        let mut h = tar::Header::new_ustar();
+        h.set_path("ignored").expect("path");
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_mode(0o644);
+        h.set_size(2);
+        h.set_cksum();
+        b.append(&h, &b"hi"[..]).expect("append");
+        let tar = b.into_inner().expect("tar");
+        let z = zstd::stream::encode_all(tar.as_slice(), 3).expect("zstd");
+        let out = tempfile::tempdir().expect("tempdir");
+        let temp = out.path().join("t");
+        let limits = Limits {
+            entry_path: Path::new("/store/0123456789abcdef0123456789abcdef-x-1"),
+            references: &[],
+            archive_size: z.len() as u64,
+            unpacked_size: 2,
+        };
+        unpack(Box::new(io::Cursor::new(z)), &temp, &limits, &Quiet).expect("unpack");
+        assert_eq!(
+            fs::read(temp.join("deep/name-from-pax.")).expect("read"),
+            b"hi"
+        );
+        assert!(!temp.join("ignored").exists());
+    }
+
+    #[test]
+    fn oversized_long_names_are_refused() {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::GNULongName);
+        h.set_size(1 << 20);
+        h.set_cksum();
+        b.append(&h, io::repeat(b'a').take(1 << 20))
+            .expect("append");
+        let tar = b.into_inner().expect("tar");
+        let z = zstd::stream::encode_all(tar.as_slice(), 3).expect("zstd");
+        let out = tempfile::tempdir().expect("tempdir");
+        let entry = Path::new("/store/0123456789abcdef0123456789abcdef-x-1");
+        let limits = Limits {
+            entry_path: entry,
+            references: &[],
+            archive_size: z.len() as u64,
+            unpacked_size: 1 << 30,
+        };
+        let r = unpack(
+            Box::new(io::Cursor::new(z)),
+            &out.path().join("t"),
+            &limits,
+            &Quiet,
+        );
+        assert!(matches!(r, Err(UnpackError::Unsafe { .. })), "{r:?}");
     }
 
     #[test]

@@ -194,10 +194,11 @@ pub(super) fn fetch(
     Ok(report)
 }
 
-/// Entries imported at once. Each import alternates between the CPU
-/// (decompressing, hashing) and waiting (creating files, syncing before
-/// the rename), so two per core keep the cores busy; more only costs
-/// memory (a few MiB each).
+/// Entries imported at once: one per core, at least two. Each import
+/// alternates between the CPU (decompressing, hashing) and waiting
+/// (creating files, syncing before the rename), so a second one keeps a
+/// core busy while the first waits (measured on 2 cores: 10-35% faster
+/// than one at a time); each costs a few MiB.
 fn import_jobs() -> usize {
     std::thread::available_parallelism()
         .map(|n| n.get().clamp(2, 8))

@@ -29,7 +29,9 @@
 //! half-written file under a final name. Entries are written references
 //! first, so the metadata present always forms closed sets. An entry whose
 //! metadata is already there is skipped. An entry whose bytes no longer
-//! match its `built` marker is refused, not exported. Last, the index is
+//! match its `built` marker is refused, not exported. Packing runs on the
+//! calling thread while a second one syncs, renames and writes metadata
+//! for the entry before, in order. Last, the index is
 //! rebuilt from the directory's metadata files under an exclusive lock
 //! (`.punix-cache.lock`), so concurrent exports never lose each other's
 //! entries from it.
@@ -38,8 +40,9 @@
 //!
 //! From a directory, `file://` or `http(s)://` (see the location module:
 //! time-outs, retries with back-off). The wanted names and, through the
-//! metadata's references, their closure are fetched, references first,
-//! skipping entries already valid in the store. For each entry, under the
+//! metadata's references, their closure are fetched, references first
+//! (entries whose references are in place several at once), skipping
+//! entries already valid in the store. For each entry, under the
 //! store's entry lock and the shared gc lock: the archive streams (file →
 //! zstd → tar → files) into a temporary sibling of the entry exactly as
 //! long as its final name, every member checked before it is written;
