@@ -83,6 +83,7 @@ BENCH_MD=$PART bash ci/bench/hash.sh
 BENCH_MD=$PART bash ci/bench/noop-build.sh
 BENCH_MD=$PART bash ci/bench/fleet.sh >/dev/null
 BENCH_MD=$PART bash ci/bench/remote-build.sh >/dev/null
+BENCH_MD=$PART bash ci/bench/cache.sh
 
 sed -i "s|@LOAD_AFTER@|$(cut -d' ' -f1-3 /proc/loadavg)|" "$PART"
 mkdir -p "$(dirname "$DOC")"
