@@ -2,11 +2,13 @@
 # Run every benchmark in one go and write docs/benchmarks.md: the machine,
 # the punix commit, the exact commands, and the tables of this run.
 #
-# Usage: bash ci/bench/run-all.sh
+# Usage: bash ci/bench/run-all.sh      (as root: deploy.sh starts a testbed host)
 # Environment: BENCH_DOC (default docs/benchmarks.md), and each script's own
 # (HASH_BENCH_MIB, HASH_BENCH_ROUNDS, HASH_BENCH_BASELINE[_LABEL],
-# NOOP_BENCH_PACKAGES, NOOP_BENCH_RUNS, BENCH_TMP). A quick run:
-#   HASH_BENCH_MIB=64 NOOP_BENCH_PACKAGES=100 BENCH_DOC=/tmp/b.md bash ci/bench/run-all.sh
+# NOOP_BENCH_PACKAGES, NOOP_BENCH_RUNS, BENCH_TMP, DEPLOY_BENCH_NS,
+# DEPLOY_BENCH_RUNS, DEPLOY_BENCH_FIRST_RUNS, DEPLOY_BENCH_DELAY_MS,
+# DEPLOY_BENCH_TIMEOUT, DEPLOY_BENCH_TARGET_FS). A quick run:
+#   HASH_BENCH_MIB=64 NOOP_BENCH_PACKAGES=100 DEPLOY_BENCH_NS="10 100" BENCH_DOC=/tmp/b.md bash ci/bench/run-all.sh
 set -euo pipefail
 export LC_ALL=C
 cd "$(dirname "$0")/../.."
@@ -40,7 +42,8 @@ load_before=$(cut -d' ' -f1-3 /proc/loadavg)
 # The overrides this run was given, to show how it was invoked.
 overrides=""
 for v in HASH_BENCH_MIB HASH_BENCH_ROUNDS HASH_BENCH_BASELINE HASH_BENCH_BASELINE_LABEL \
-    NOOP_BENCH_PACKAGES NOOP_BENCH_RUNS; do
+    NOOP_BENCH_PACKAGES NOOP_BENCH_RUNS DEPLOY_BENCH_NS DEPLOY_BENCH_RUNS DEPLOY_BENCH_FIRST_RUNS \
+    DEPLOY_BENCH_DELAY_MS DEPLOY_BENCH_TIMEOUT DEPLOY_BENCH_TARGET_FS; do
     if [ -n "${!v:-}" ]; then overrides+="$v=$(printf '%q' "${!v}") "; fi
 done
 started=$(date -u '+%Y-%m-%d %H:%M UTC')
@@ -48,10 +51,11 @@ started=$(date -u '+%Y-%m-%d %H:%M UTC')
 {
     echo "# Benchmarks"
     echo
-    echo "Written by \`bash ci/bench/run-all.sh\` (which runs \`ci/bench/hash.sh\` and"
-    echo "\`ci/bench/noop-build.sh\`); every number below comes from that one run."
+    echo "Written by \`bash ci/bench/run-all.sh\` (which runs \`ci/bench/hash.sh\`,"
+    echo "\`ci/bench/noop-build.sh\`, \`ci/bench/deploy.sh\`, \`ci/bench/fleet.sh\` and"
+    echo "\`ci/bench/remote-build.sh\`); every number below comes from that one run."
     echo "Re-run it to update this file; see the scripts' headers for the size"
-    echo "overrides (\`HASH_BENCH_MIB\`, \`NOOP_BENCH_PACKAGES\`, ...)."
+    echo "overrides (\`HASH_BENCH_MIB\`, \`NOOP_BENCH_PACKAGES\`, \`DEPLOY_BENCH_NS\`, ...)."
     echo
     echo "This run: \`${overrides}bash ci/bench/run-all.sh\`"
     echo
@@ -81,6 +85,7 @@ started=$(date -u '+%Y-%m-%d %H:%M UTC')
 
 BENCH_MD=$PART bash ci/bench/hash.sh
 BENCH_MD=$PART bash ci/bench/noop-build.sh
+BENCH_MD=$PART bash ci/bench/deploy.sh >/dev/null
 BENCH_MD=$PART bash ci/bench/fleet.sh >/dev/null
 BENCH_MD=$PART bash ci/bench/remote-build.sh >/dev/null
 BENCH_MD=$PART bash ci/bench/cache.sh
