@@ -51,9 +51,8 @@ started=$(date -u '+%Y-%m-%d %H:%M UTC')
 {
     echo "# Benchmarks"
     echo
-    echo "Written by \`bash ci/bench/run-all.sh\` (which runs \`ci/bench/hash.sh\`,"
-    echo "\`ci/bench/noop-build.sh\`, \`ci/bench/deploy.sh\`, \`ci/bench/fleet.sh\` and"
-    echo "\`ci/bench/remote-build.sh\`); every number below comes from that one run."
+    echo "Written by \`bash ci/bench/run-all.sh\` (which runs the benchmark scripts of"
+    echo "\`ci/bench/\`, one section each); every number below comes from that one run."
     echo "Re-run it to update this file; see the scripts' headers for the size"
     echo "overrides (\`HASH_BENCH_MIB\`, \`NOOP_BENCH_PACKAGES\`, \`DEPLOY_BENCH_NS\`, ...)."
     echo
