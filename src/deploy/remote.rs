@@ -353,12 +353,15 @@ pub fn commit(c: &Commit<'_>) -> String {
     );
     if let Some((dir, names)) = &c.pushed {
         let _ = writeln!(j, "S={}\nP={}", q(&c.layout.store), q(dir));
-        j.push_str("while read -r n; do\n  [ -n \"$n\" ] || continue\n  if [ -e \"$S/$n/built\" ]; then continue; fi\n  [ -e \"$P/$n/built\" ] || continue\n  if [ -e \"$S/$n\" ]; then chmod -R u+w \"$S/$n\"; rm -rf \"$S/$n\"; fi\n  chmod u+w \"$P/$n\"\n  mv \"$P/$n\" \"$S/$n\"\n  chmod a-w \"$S/$n\"\ndone <<'PUNIX_NAMES_EOF'\n");
+        // Collect the entries to move with shell builtins only, then move
+        // them all with three processes whatever their number (renaming a
+        // directory into another parent needs write permission on it).
+        j.push_str("set --\nwhile read -r n; do\n  [ -n \"$n\" ] || continue\n  if [ -e \"$S/$n/built\" ]; then continue; fi\n  [ -e \"$P/$n/built\" ] || continue\n  if [ -e \"$S/$n\" ]; then chmod -R u+w \"$S/$n\"; rm -rf \"$S/$n\"; fi\n  set -- \"$@\" \"$n\"\ndone <<'PUNIX_NAMES_EOF'\n");
         for n in names {
             j.push_str(n);
             j.push('\n');
         }
-        j.push_str("PUNIX_NAMES_EOF\n");
+        j.push_str("PUNIX_NAMES_EOF\nif [ \"$#\" -gt 0 ]; then\n  (cd \"$P\" && chmod u+w -- \"$@\" && mv -- \"$@\" \"$S\"/)\n  (cd \"$S\" && chmod a-w -- \"$@\")\nfi\n");
     }
     for w in &c.writes {
         let t = q(&staged_name(&w.path, c.number));
@@ -367,7 +370,8 @@ pub fn commit(c: &Commit<'_>) -> String {
     for r in &c.removes {
         let _ = writeln!(j, "rm -f {}", q(r));
     }
-    j.push_str("sync\n");
+    // (No sync here: the renames above and the flip below are ordered by
+    // the filesystem's journal; the flip is synced below.)
     // Test hook: a one-shot pause (the request file is consumed, so a
     // roll-forward of this journal does not pause again).
     j.push_str("if [ -e \"$0.pause-request\" ]; then rm -f \"$0.pause-request\"; echo paused > \"$0.paused\"; sleep 3600; fi\n");
@@ -414,7 +418,7 @@ pub fn commit(c: &Commit<'_>) -> String {
     let jq = q(&journal);
     let _ = writeln!(
         s,
-        "J={jq}\nset +e\nif command -v setsid >/dev/null 2>&1; then\n  setsid sh -c 'sh \"$1\" >\"$1.log\" 2>&1 || mv -f \"$1\" \"$1.failed\"' punix-journal \"$J\" </dev/null >/dev/null 2>&1 &\nelse\n  (trap '' HUP; sh \"$J\" >\"$J.log\" 2>&1 || mv -f \"$J\" \"$J.failed\") </dev/null >/dev/null 2>&1 &\nfi\ni=0\nwhile [ -e \"$J\" ]; do\n  i=$((i+1)); [ \"$i\" -le {} ] || {{ echo 'the commit journal is still running' >&2; exit 75; }}\n  sleep 0.05\ndone\nif [ -e \"$J.failed\" ]; then cat \"$J.log\" >&2; echo \"(the journal is kept as $J.failed)\" >&2; exit 1; fi\nrm -f \"$J.log\"\necho committed",
+        "J={jq}\nset +e\nif command -v setsid >/dev/null 2>&1; then\n  setsid sh -c 'sh \"$1\" >\"$1.log\" 2>&1 || mv -f \"$1\" \"$1.failed\"' punix-journal \"$J\" </dev/null >/dev/null 2>&1 &\nelse\n  (trap '' HUP; sh \"$J\" >\"$J.log\" 2>&1 || mv -f \"$J\" \"$J.failed\") </dev/null >/dev/null 2>&1 &\nfi\nwait $! 2>/dev/null\ni=0\nwhile [ -e \"$J\" ]; do\n  i=$((i+1)); [ \"$i\" -le {} ] || {{ echo 'the commit journal is still running' >&2; exit 75; }}\n  sleep 0.05\ndone\nif [ -e \"$J.failed\" ]; then cat \"$J.log\" >&2; echo \"(the journal is kept as $J.failed)\" >&2; exit 1; fi\nrm -f \"$J.log\"\necho committed",
         c.wait_secs * 20
     );
     s
