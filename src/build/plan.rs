@@ -43,6 +43,24 @@ impl Plan {
     }
 }
 
+/// The content hash of a source tree, computed once per process: a run
+/// plans the same recipes for several systems (a fleet deploy), and a
+/// deploy warms this while it connects. Sources are not expected to change
+/// while one punix command runs.
+fn source_hash(dir: &Path) -> Result<String, crate::store::content_hash::HashError> {
+    use std::sync::{Mutex, OnceLock};
+    static MEMO: OnceLock<Mutex<HashMap<PathBuf, String>>> = OnceLock::new();
+    let memo = MEMO.get_or_init(|| Mutex::new(HashMap::new()));
+    if let Some(h) = memo.lock().unwrap_or_else(|e| e.into_inner()).get(dir) {
+        return Ok(h.clone());
+    }
+    let h = hash_tree(dir)?;
+    memo.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(dir.to_path_buf(), h.clone());
+    Ok(h)
+}
+
 /// Compute the derivations of `modules` (all packages when empty) and
 /// their dependencies for `system` under `store_root`.
 pub fn plan(
@@ -86,7 +104,7 @@ pub fn plan(
             Some(dir) => Some(match src_hashes.get(dir) {
                 Some(h) => h.clone(),
                 None => {
-                    let h = hash_tree(dir).map_err(|e| BuildError::Source {
+                    let h = source_hash(dir).map_err(|e| BuildError::Source {
                         module: module.clone(),
                         source: e,
                     })?;

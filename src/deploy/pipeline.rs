@@ -406,9 +406,6 @@ fn deploy_realised(
     if opts.activate {
         check_can_activate(t, probe)?;
     }
-    if !opts.dry_run {
-        check_binaries(t, store, closure, system)?;
-    }
     let dep_root = deployments_root(opts.deployments_root.as_deref(), probe);
     let stack_dir = dep_root.join(&stack.name);
     let lay = layout(t, &opts.store_root, &dep_root, &stack.name);
@@ -457,6 +454,11 @@ fn deploy_realised(
         (!stack.services.is_empty()).then_some(opts.unit_dir.as_path()),
     )?;
     let current = parse_current(t, &st, &stack_dir)?;
+    // What the target lacks is what will be pushed: check those binaries
+    // (the rest were checked when they were pushed).
+    if !opts.dry_run {
+        check_binaries(t, store, &st.missing, system)?;
+    }
 
     // The generation this deploy describes.
     let mut generation = Generation {
@@ -1557,6 +1559,46 @@ fn for_target(e: &DeployError, target: &str) -> DeployError {
     }
 }
 
+/// The error of a target skipped because another failed (`--fail-fast`).
+fn skipped(target: &str) -> DeployError {
+    DeployError::Target {
+        target: target.to_string(),
+        message: "skipped: another target failed and --fail-fast is set".into(),
+    }
+}
+
+/// Connect to and probe every target, at most `parallel` at once.
+fn probe_all(
+    targets: &[String],
+    connect: &Connector<'_>,
+    opts: &DeployOptions,
+    parallel: usize,
+    fail_fast: bool,
+    stop: &std::sync::atomic::AtomicBool,
+    fleet: &dyn FleetObserver,
+) -> Vec<Result<Probed, DeployError>> {
+    use std::sync::atomic::Ordering;
+    bounded(targets, parallel, |target| {
+        if fail_fast && stop.load(Ordering::Relaxed) {
+            return Err(skipped(target));
+        }
+        let r = connect(target).and_then(|t| probe_target(t, opts.timeout));
+        match &r {
+            Ok(p) => fleet.target_event(
+                target,
+                TargetEvent::Connected {
+                    system: &p.system.to_string(),
+                },
+            ),
+            Err(e) => {
+                stop.store(true, Ordering::Relaxed);
+                fleet.target_event(target, TargetEvent::Failed(e));
+            }
+        }
+        r
+    })
+}
+
 /// Deploy one stack to many targets: recipes and secrets are checked once,
 /// targets are connected and probed in parallel (at most `parallel` at
 /// once), each system's closure is realised once, then every target is
@@ -1577,29 +1619,19 @@ pub fn deploy_fleet(
     let start = Instant::now();
     let prepared = prepare(opts)?;
     let stop = AtomicBool::new(false);
-    let skipped = |target: &str| DeployError::Target {
-        target: target.to_string(),
-        message: "skipped: another target failed and --fail-fast is set".into(),
-    };
 
-    let probed: Vec<Result<Probed, DeployError>> = bounded(targets, parallel, |target| {
-        if fail_fast && stop.load(Ordering::Relaxed) {
-            return Err(skipped(target));
-        }
-        let r = connect(target).and_then(|t| probe_target(t, opts.timeout));
-        match &r {
-            Ok(p) => fleet.target_event(
-                target,
-                TargetEvent::Connected {
-                    system: &p.system.to_string(),
-                },
-            ),
-            Err(e) => {
-                stop.store(true, Ordering::Relaxed);
-                fleet.target_event(target, TargetEvent::Failed(e));
-            }
-        }
-        r
+    // Hash the sources (the bulk of planning) while the targets are
+    // connected and probed; the plans made after the probes reuse them.
+    let probed = std::thread::scope(|scope| {
+        scope.spawn(|| {
+            let _ = plan(
+                &prepared.recipes,
+                prepared.store.root(),
+                &System::host(),
+                &prepared.stack.modules(),
+            );
+        });
+        probe_all(targets, connect, opts, parallel, fail_fast, &stop, fleet)
     });
 
     // One closure per system.
