@@ -250,6 +250,22 @@ fn export_refuses_what_is_missing_or_damaged() {
         .run(&["store", "export", "--file", &ex, "Dmeo", "--to", &to])
         .failure(1);
     assert!(r.stderr.contains("did you mean `Demo`?"), "{}", r.stderr);
+    let r = t
+        .run(&[
+            "store",
+            "export",
+            "--file",
+            &ex,
+            "Demo",
+            "--to",
+            "http://127.0.0.1:9/c",
+        ])
+        .failure(1);
+    assert!(
+        r.stderr.contains("cannot export to `http://127.0.0.1:9/c`"),
+        "{}",
+        r.stderr
+    );
 
     // An entry changed after it was built is refused, and nothing of it
     // is left in the cache.

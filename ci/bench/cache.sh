@@ -227,6 +227,9 @@ measure() { # key
 median() { tr ' ' '\n' | grep . | sort -g | awk '{v[NR] = $1} END {m = int((NR + 1) / 2); if (NR % 2) print v[m]; else printf "%.3f\n", (v[m] + v[m + 1]) / 2}'; }
 minmax() { tr ' ' '\n' | grep . | sort -g | awk 'NR == 1 {lo = $1} {hi = $1} END {printf "%s–%s", lo, hi}'; }
 
+started=$(date -u '+%Y-%m-%d %H:%M UTC')
+load_before=$(cut -d' ' -f1-3 /proc/loadavg)
+commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
 log "warm-up round"
 for k in "${NAMES[@]}"; do
     measure "$k"
@@ -248,6 +251,7 @@ done
 }
 CACHE_BYTES=$(du -sb "$CACHE" | cut -f1)
 TAR_BYTES=$(stat -c %s "$OUT/all.tar.zst")
+load_after=$(cut -d' ' -f1-3 /proc/loadavg)
 
 # --- the report --------------------------------------------------------------
 gbps() { awk -v b="$BYTES" -v s="$1" 'BEGIN {printf "%.2f", b / s / 1e9}'; }
@@ -291,6 +295,8 @@ file bytes in GB/s (10^9 bytes/s), the speed relative to \`tar | zstd\`
 (export) and to \`zstd -d | tar -x\` (import), and for punix its median
 CPU time and peak RSS (the largest of all runs). zstd is $(zstd --version | grep -o 'v[0-9.]*'),
 level 3 for both; punix compresses with $(nproc) zstd worker thread(s).
+Run $started at punix commit \`$commit\` on $(nproc) cores ($(grep -m1 '^model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')),
+load average $load_before before and $load_after after.
 
 | command | median s | range s | GB/s | vs tar/zstd | CPU s | peak RSS |
 | --- | ---: | ---: | ---: | ---: | ---: | ---: |

@@ -215,6 +215,9 @@ pub fn run(cx: &Context, cmd: StoreCommand) -> Result<(), Error> {
             for n in &report.deleted {
                 println!("{verb} {}", store.entry_path(n).display());
             }
+            for p in &report.stale_pushes {
+                println!("{verb} {p} (a push left by a killed deploy)");
+            }
             eprintln!(
                 "{verb} {} on {}, kept {} ({} pinned by generations)",
                 entries(report.deleted.len()),
@@ -370,6 +373,11 @@ fn is_store_item(item: &str) -> bool {
 }
 
 fn export(store: &Store, a: ExportArgs) -> Result<(), Error> {
+    // Where to write, checked before any recipe is read.
+    let cache = Cache::open(&a.to)?;
+    if !cache.is_local() {
+        return Err(cache::CacheError::ReadOnly { url: a.to.clone() }.into());
+    }
     let (paths, recipe_items): (Vec<&String>, Vec<&String>) =
         a.items.iter().partition(|i| is_store_item(i));
     let mut names = BTreeSet::new();
@@ -394,7 +402,6 @@ fn export(store: &Store, a: ExportArgs) -> Result<(), Error> {
                 .into(),
         ));
     }
-    let cache = Cache::open(&a.to)?;
     let progress = CacheProgress::new(a.json, "exporting");
     let result = cache.export_from(store, names, &progress);
     progress.finish();
