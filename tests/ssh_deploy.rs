@@ -653,7 +653,10 @@ fn activation_with_real_systemd_and_automatic_rollback() {
     systemd_stack(&c, "3", true);
     let err = fails(&deploy(&[]), 3);
     assert!(err.contains("activation failed"), "{err}");
-    assert!(err.contains("rolled back to gen-002"), "{err}");
+    assert!(
+        err.contains("rolled back to gen-002, whose units are active again"),
+        "{err}"
+    );
     assert_eq!(c.current("Svc").as_deref(), Some("gen-002.json"));
     assert_eq!(is_active(), "active");
     let unit_text =

@@ -276,6 +276,11 @@ pub fn run(cx: &Context, cmd: ServiceCommand) -> Result<(), Error> {
                     "no target: pass `--target ssh://USER@HOST[:PORT]` (once or more), `--targets FILE` or `--transport-root DIR`".into(),
                 ));
             }
+            if a.target.transport_root.is_none() {
+                for url in &urls {
+                    SshTarget::parse(url).map_err(Error::Usage)?;
+                }
+            }
             let renderer = Renderer::new(a.json, cx.verbose);
             let fleet = FleetLines::new(urls.len() > 1 && !a.json);
             let connect = |url: &str| -> Result<Box<dyn Transport>, punix::deploy::DeployError> {
@@ -414,6 +419,11 @@ fn print_report(r: &DeployReport, json: bool, verb: &str) {
         .unwrap_or_else(|| "no generation".into());
     for rf in &r.rolled_forward {
         eprintln!("completed an interrupted commit first: {rf}");
+    }
+    for jf in &r.journals_failed {
+        eprintln!(
+            "an interrupted commit could not be completed ({jf}; kept as `{jf}.failed` next to its log); this deploy rewrites what differs"
+        );
     }
     if r.dry_run {
         println!(

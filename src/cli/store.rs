@@ -215,6 +215,9 @@ pub fn run(cx: &Context, cmd: StoreCommand) -> Result<(), Error> {
             for n in &report.deleted {
                 println!("{verb} {}", store.entry_path(n).display());
             }
+            for p in &report.stale_pushes {
+                println!("{verb} {p} (a push left by a killed deploy)");
+            }
             eprintln!(
                 "{verb} {} on {}, kept {} ({} pinned by generations)",
                 entries(report.deleted.len()),

@@ -73,6 +73,9 @@ pub struct DeployReport {
     pub units_stopped: Vec<String>,
     pub activated: bool,
     pub rolled_forward: Vec<String>,
+    /// Interrupted commits that could not be completed (kept as
+    /// `.failed` next to their log); this deploy rewrote what differs.
+    pub journals_failed: Vec<String>,
     pub plan: Vec<String>,
     pub store_root: PathBuf,
     pub deployments_root: PathBuf,
@@ -446,6 +449,7 @@ fn deploy_realised(
     let out = t.run_checked("state query", &script, opts.timeout)?;
     let st = State::parse(&out.stdout, paths.len());
     report.rolled_forward = st.rolled_forward.clone();
+    report.journals_failed = st.journal_failed.clone();
     check_state(
         t,
         &st,
@@ -509,11 +513,23 @@ fn deploy_realised(
         && let Some((i, dir)) = st.unwritable_files.iter().find(|(i, _)| writes.contains(i))
     {
         let path = desired[*i].path.display().to_string();
+        let file_dir = desired[*i]
+            .path
+            .parent()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
+        let user = if probe.user.is_empty() {
+            "the deploy user".to_string()
+        } else {
+            format!("`{}`", probe.user)
+        };
         let hint = if desired[*i].kind == FileKind::Unit {
-            "units are written as the target user: deploy as root (`ssh://root@...`), or pass `--unit-dir` with a directory that user can write".to_string()
+            format!(
+                "units are written as {user}: deploy as root (`ssh://root@...`), or pass `--unit-dir` with a directory {user} can write"
+            )
         } else {
             format!(
-                "deploy as a user that can write `{dir}`, or create the directory for this user there: `sudo mkdir -p '{dir}' && sudo chown \"$USER\" '{dir}'`"
+                "`{dir}` is not writable for {user}: deploy as a user that can write there (e.g. root), or have an administrator create `{file_dir}` for {user} on the target"
             )
         };
         return Err(DeployError::Unwritable {
@@ -885,7 +901,17 @@ fn activate_with(
     // Units still starting get more time (up to a minute); a unit that
     // failed, or that systemd restarted, is failed.
     let deadline = Instant::now() + Duration::from_secs(60);
-    let mut states = remote::UnitState::parse_all(&out.stdout);
+    let before = remote::UnitState::restarts_before(&out.stdout);
+    let since = |mut st: remote::UnitState| {
+        st.restarts = st
+            .restarts
+            .saturating_sub(before.get(&st.unit).copied().unwrap_or(0));
+        st
+    };
+    let mut states: Vec<remote::UnitState> = remote::UnitState::parse_all(&out.stdout)
+        .into_iter()
+        .map(since)
+        .collect();
     loop {
         let starting: Vec<String> = states
             .iter()
@@ -897,7 +923,10 @@ fn activate_with(
         }
         std::thread::sleep(Duration::from_millis(500));
         let out = t.run_checked("unit states", &remote::unit_states(&starting), timeout)?;
-        for fresh in remote::UnitState::parse_all(&out.stdout) {
+        for fresh in remote::UnitState::parse_all(&out.stdout)
+            .into_iter()
+            .map(since)
+        {
             if let Some(s) = states.iter_mut().find(|s| s.unit == fresh.unit) {
                 *s = fresh;
             }
@@ -1389,6 +1418,9 @@ pub struct GcTargetReport {
     pub pinned: usize,
     pub deleted: Vec<String>,
     pub kept: usize,
+    /// Pushes left for more than an hour by killed deploys: removed (or,
+    /// on a dry run, that would be).
+    pub stale_pushes: Vec<String>,
     pub dry_run: bool,
 }
 
@@ -1405,14 +1437,30 @@ pub fn gc_target(
     let dep_root = deployments_root_or(deployments_root, &probe);
     let dr = crate::transport::script::quote_path(&t.rebase(&dep_root));
     let s = crate::transport::script::quote_path(&t.rebase(store_root));
+    // A push left for more than an hour is stale: swept (or, on a dry
+    // run, only reported).
+    let sweep = if dry_run {
+        "echo \"stale $j\""
+    } else {
+        "chmod -R u+w \"$j\" 2>/dev/null; rm -rf \"$j\"; echo \"swept $j\""
+    };
     let script = format!(
         "for g in {dr}/*/gen-*.json; do [ -e \"$g\" ] || continue; echo \"gen-begin $g\"; base64 < \"$g\"; echo gen-end; done\n\
          for j in {dr}/*/.journal-*.sh; do [ -e \"$j\" ] && echo \"busy $j\"; done\n\
-         for j in {s}/.tmp-push-*; do [ -e \"$j\" ] || continue; if [ -n \"$(find \"$j\" -maxdepth 0 -mmin +60 2>/dev/null)\" ]; then chmod -R u+w \"$j\" 2>/dev/null; rm -rf \"$j\"; echo \"swept $j\"; else echo \"busy $j\"; fi; done\n\
+         for j in {s}/.tmp-push-*; do [ -e \"$j\" ] || continue; if [ -n \"$(find \"$j\" -maxdepth 0 -mmin +60 2>/dev/null)\" ]; then {sweep}; else echo \"busy $j\"; fi; done\n\
          for e in {s}/*; do if [ -e \"$e/built\" ]; then echo \"entry ${{e##*/}}\"; fi; done\n\
          true\n"
     );
     let out = t.run_checked("gc query", &script, timeout)?;
+    let swept: Vec<String> = out
+        .stdout
+        .lines()
+        .filter_map(|l| {
+            l.strip_prefix("swept ")
+                .or_else(|| l.strip_prefix("stale "))
+        })
+        .map(str::to_string)
+        .collect();
     let mut pinned: BTreeSet<String> = BTreeSet::new();
     let mut entries = Vec::new();
     let mut busy = Vec::new();
@@ -1460,6 +1508,7 @@ pub fn gc_target(
         pinned: pinned.len(),
         kept: entries.len() - deleted.len(),
         deleted: deleted.clone(),
+        stale_pushes: swept,
         dry_run,
     };
     if dry_run || deleted.is_empty() {

@@ -33,6 +33,7 @@ pub fn probe() -> String {
 printf 'kernel=%s\n' "$(uname -s)"
 printf 'home=%s\n' "$HOME"
 printf 'uid=%s\n' "$(id -u)"
+printf 'user=%s\n' "$(id -un 2>/dev/null)"
 if [ -d /run/systemd/system ]; then echo 'has=systemd-running'; fi
 for t in rsync systemctl setsid base64 sha256sum; do
   if command -v "$t" >/dev/null 2>&1; then printf 'has=%s\n' "$t"; fi
@@ -48,6 +49,8 @@ pub struct Probe {
     pub kernel: String,
     pub home: String,
     pub uid: u32,
+    /// The login user's name on the target.
+    pub user: String,
     pub tools: Vec<String>,
 }
 
@@ -60,6 +63,7 @@ impl Probe {
                 Some(("kernel", v)) => p.kernel = v.to_string(),
                 Some(("home", v)) => p.home = v.to_string(),
                 Some(("uid", v)) => p.uid = v.trim().parse().unwrap_or(u32::MAX),
+                Some(("user", v)) => p.user = v.trim().to_string(),
                 Some(("has", v)) => p.tools.push(v.to_string()),
                 _ => {}
             }
@@ -249,6 +253,8 @@ impl State {
                 _ => {}
             }
         }
+        let failed = st.journal_failed.clone();
+        st.rolled_forward.retain(|j| !failed.contains(j));
         st.generations.sort_unstable();
         st.generations.dedup();
         st.failed_generations.sort_unstable();
@@ -453,6 +459,15 @@ pub fn activate(
         );
     }
     let _ = writeln!(s, "ST={}\nrm -f \"$ST\"", q(&status));
+    // systemd keeps counting automatic restarts across a manual restart:
+    // note the counts before, so only restarts after it count.
+    for u in check {
+        let _ = writeln!(
+            s,
+            "printf 'before %s %s\\n' {u} \"$(systemctl show -p NRestarts --value {u} 2>/dev/null)\"",
+            u = quote(u)
+        );
+    }
     s.push_str("set +e\n");
     let _ = writeln!(
         s,
@@ -504,6 +519,18 @@ pub enum Health {
 }
 
 impl UnitState {
+    /// The restart counts an activation noted before it restarted
+    /// anything (`before <unit> <n>` lines).
+    pub fn restarts_before(out: &str) -> std::collections::BTreeMap<String, u64> {
+        out.lines()
+            .filter_map(|l| l.strip_prefix("before "))
+            .filter_map(|rest| {
+                let (u, n) = rest.split_once(' ')?;
+                Some((u.to_string(), n.trim().parse().unwrap_or(0)))
+            })
+            .collect()
+    }
+
     /// Parse the `unit ...` lines of [`unit_states`].
     pub fn parse_all(out: &str) -> Vec<UnitState> {
         out.lines()

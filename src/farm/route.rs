@@ -121,9 +121,15 @@ pub fn realise_routed(
     builders: &[Builder],
     observer: &dyn Observer,
 ) -> Result<Report, BuildError> {
-    let substituted = substitute(store, plan, &options.caches, observer);
+    let (substituted, cache_notes) = substitute(store, plan, &options.caches, observer);
     let need = scheduler::missing(store, plan);
-    preflight(plan, &need, options, builders)?;
+    if let Err(mut e) = preflight(plan, &need, options, builders) {
+        // Say why the caches did not have it either.
+        if let BuildError::NoMachine { rejected, .. } = &mut e {
+            rejected.extend(cache_notes);
+        }
+        return Err(e);
+    }
     let router = Router::new(store, plan, options, builders, observer);
     let mut report = scheduler::realise_with(store, plan, &options.build, observer, &router)?;
     let mut placements = router
@@ -146,7 +152,7 @@ fn substitute(
     plan: &Plan,
     caches: &[String],
     observer: &dyn Observer,
-) -> Vec<Placement> {
+) -> (Vec<Placement>, Vec<Rejection>) {
     let mut placements = Vec::new();
     let mut notes: Vec<Rejection> = Vec::new();
     for url in caches {
@@ -188,7 +194,7 @@ fn substitute(
             }),
         }
     }
-    placements
+    (placements, notes)
 }
 
 /// Where `plan`'s missing derivations could go, without building or

@@ -844,3 +844,40 @@ fn add_root_waits_for_a_running_gc() {
     t.run(&["store", "gc"]).success();
     assert!(path.join("built").is_file());
 }
+
+#[test]
+fn a_cache_that_does_not_answer_is_named_when_nothing_can_build() {
+    let t = Test::new();
+    t.file(
+        "p.toml",
+        "[package.A]\npname = \"a\"\nversion = \"1\"\nscript = 'mkdir -p \"$out\"'\n",
+    );
+    let host = punix::platform::System::host().to_string();
+    let other = if host == "aarch64-linux" {
+        "x86_64-linux"
+    } else {
+        "aarch64-linux"
+    };
+    let missing = t.path().join("no-such-cache");
+    let none = t.path().join("none.toml");
+    let r = t
+        .build(&[
+            "--system",
+            other,
+            "--cache",
+            missing.to_str().unwrap(),
+            "--builders",
+            none.to_str().unwrap(),
+        ])
+        .failure(1);
+    assert!(
+        r.stderr.contains(&format!("cache {}", missing.display())),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        r.stderr.contains("not a punix binary cache"),
+        "{}",
+        r.stderr
+    );
+}

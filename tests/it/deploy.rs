@@ -782,3 +782,85 @@ fn old_generation_files_keep_parsing() {
         .unwrap();
     assert_eq!(conf.bytes().unwrap(), b"verbose = true\nworkers = 4\n");
 }
+
+#[test]
+fn a_commit_that_cannot_be_completed_is_reported_not_hidden() {
+    let t = Test::new();
+    stack(&t, "x\\n");
+    deploy(&t, &[]).success();
+    let journal = on_target(&t, "/srv/deploy/Web/.journal-009.sh");
+    fs::write(&journal, "echo disk full >&2; exit 1\n").unwrap();
+    let r = deploy(&t, &[]).success();
+    assert!(
+        r.stderr
+            .contains("an interrupted commit could not be completed (.journal-009.sh"),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        !r.stderr.contains("completed an interrupted commit first"),
+        "{}",
+        r.stderr
+    );
+    assert!(on_target(&t, "/srv/deploy/Web/.journal-009.sh.failed").exists());
+}
+
+#[test]
+fn a_malformed_target_is_a_usage_error() {
+    let t = Test::new();
+    stack(&t, "x\\n");
+    let pkgs = t.pkgs();
+    let r = t
+        .run_cmd(
+            t.cmd()
+                .args(["service", "deploy", "Web", "--file", pkgs.to_str().unwrap()])
+                .args(["--target", "tbdeploy@h1"])
+                .env("APP_TOKEN", SECRET),
+        )
+        .failure(2);
+    assert!(r.stderr.contains("tbdeploy@h1"), "{}", r.stderr);
+}
+
+#[test]
+fn gc_dry_run_on_a_target_deletes_nothing_not_even_stale_pushes() {
+    let t = Test::new();
+    stack(&t, "x\\n");
+    deploy(&t, &[]).success();
+    let store_on_target = root(&t).join(t.store().to_str().unwrap().trim_start_matches('/'));
+    let stale = store_on_target.join(".tmp-push-1-2-3");
+    fs::create_dir_all(stale.join("x")).unwrap();
+    let old = std::process::Command::new("touch")
+        .args(["-d", "3 hours ago"])
+        .arg(&stale)
+        .status()
+        .unwrap();
+    assert!(old.success());
+    let gc = |extra: &[&str]| {
+        let root = root(&t);
+        let mut args = vec![
+            "store",
+            "gc",
+            "--transport-root",
+            root.to_str().unwrap(),
+            "--deployments-root",
+            "/srv/deploy",
+        ];
+        args.extend_from_slice(extra);
+        t.run(&args).success()
+    };
+    let r = gc(&["--dry-run"]);
+    assert!(
+        r.stdout.contains("would delete") && r.stdout.contains(".tmp-push-1-2-3"),
+        "{}",
+        r.stdout
+    );
+    assert!(stale.exists(), "a dry run deletes nothing");
+    let r = gc(&[]);
+    assert!(
+        r.stdout.contains("deleted") && r.stdout.contains(".tmp-push-1-2-3"),
+        "{}",
+        r.stdout
+    );
+    assert!(!stale.exists());
+    assert_store_whole(&t);
+}
