@@ -311,11 +311,16 @@ pub struct SshTransport {
     inner: Arc<Inner>,
 }
 
+/// The background start of the anchor session.
+type AnchorTask = tokio::task::JoinHandle<
+    Result<Result<openssh::Child<Arc<Session>>, openssh::Error>, tokio::time::error::Elapsed>,
+>;
+
 struct Inner {
     rt: Runtime,
     session: Option<Arc<Session>>,
     /// The session that keeps the master busy while we hold it.
-    anchor: Mutex<Option<openssh::Child<Arc<Session>>>>,
+    anchor: Mutex<Option<AnchorTask>>,
     target: SshTarget,
     name: String,
     opts: SshOptions,
@@ -421,30 +426,18 @@ impl SshTransport {
             }
             Ok(Ok(s)) => Arc::new(s),
         };
-        let anchor = rt.block_on(async {
-            let mut cmd = session.clone().arc_raw_command("exec cat >/dev/null");
+        // The anchor session starts in the background, beside the first
+        // script: nothing waits for it (it only keeps the master up while
+        // this transport lives; a server refusing sessions fails the first
+        // script with the same message).
+        let anchor_session = session.clone();
+        let anchor = rt.spawn(async move {
+            let mut cmd = anchor_session.arc_raw_command("exec cat >/dev/null");
             cmd.stdin(Stdio::piped())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null());
             timeout(SMALL_STEP, cmd.spawn()).await
         });
-        let anchor = match anchor {
-            Ok(Ok(c)) => c,
-            Ok(Err(e)) => {
-                return Err(connect_error(
-                    &name,
-                    format!("the connection opened but no session could start: {}", chain(&e)),
-                    Some("the server may limit sessions per connection (`MaxSessions` in sshd_config)".into()),
-                ));
-            }
-            Err(_) => {
-                return Err(connect_error(
-                    &name,
-                    "the connection opened but the first session did not start".into(),
-                    None,
-                ));
-            }
-        };
         Ok(SshTransport {
             inner: Arc::new(Inner {
                 rt,
@@ -931,7 +924,11 @@ impl Drop for Inner {
         self.rt.block_on(async move {
             // Ending the anchor leaves the master without sessions; then
             // ask it to exit.
-            drop(anchor);
+            if let Some(task) = anchor
+                && let Ok(Ok(Ok(child))) = task.await
+            {
+                drop(child);
+            }
             if let Some(s) = session {
                 match Arc::try_unwrap(s) {
                     Ok(s) => {
