@@ -6,6 +6,7 @@ use std::time::Duration;
 use clap::{Args, Subcommand};
 use serde_json::json;
 
+use super::human_bytes;
 use super::{Context, print_json};
 use punix::Error;
 use punix::farm::registry::MAX_JOBS_LIMIT;
@@ -618,21 +619,6 @@ fn opt(s: Option<String>) -> String {
 fn trim_float(f: f64) -> String {
     let s = format!("{f}");
     s.strip_suffix(".0").map(str::to_string).unwrap_or(s)
-}
-
-fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
 }
 
 /// Left-aligned columns, two spaces apart, no trailing blanks.

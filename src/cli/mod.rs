@@ -98,3 +98,19 @@ pub fn recipes_path(file: Option<&Path>) -> Result<PathBuf, Error> {
 pub fn print_json(value: &serde_json::Value) {
     println!("{value}");
 }
+
+/// A byte count for people: `512 B`, `36.6 KiB`, `1.2 GiB`.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand};
 
+use super::human_bytes;
 use super::{Context, print_json, progress::Renderer, recipes_path};
 use punix::Error;
 use punix::build::scheduler::Options;
@@ -395,16 +396,6 @@ pub fn run(cx: &Context, cmd: ServiceCommand) -> Result<(), Error> {
             }
             Ok(())
         }
-    }
-}
-
-fn human_bytes(n: u64) -> String {
-    if n < 1024 {
-        format!("{n} B")
-    } else if n < 1024 * 1024 {
-        format!("{:.1} KiB", n as f64 / 1024.0)
-    } else {
-        format!("{:.1} MiB", n as f64 / 1024.0 / 1024.0)
     }
 }
 

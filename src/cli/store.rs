@@ -10,6 +10,7 @@ use rayon::prelude::*;
 use serde_json::json;
 
 use super::build::parse_system;
+use super::human_bytes;
 use super::{Context, print_json, recipes_path};
 use punix::Error;
 use punix::build::plan::plan;
@@ -566,20 +567,5 @@ fn entries(n: usize) -> String {
         "1 entry".into()
     } else {
         format!("{n} entries")
-    }
-}
-
-fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
     }
 }
