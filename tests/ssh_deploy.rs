@@ -780,13 +780,10 @@ fn a_fleet_deploy_with_one_host_down_reports_each_host() {
         .status();
 }
 
-#[test]
-fn a_mixed_arch_fleet_builds_each_closure_on_a_machine_of_its_system() {
-    let Some(c) = Ctx::new("a_mixed_arch_fleet", "h1", "tbdeploy") else {
-        return;
-    };
+/// The testbed's aarch64 host, and a builder registry (in the test's
+/// directory) that names it as the aarch64 builder.
+fn arm_builder(c: &Ctx) -> (Host, PathBuf) {
     let arm = c.tb.host("arm1").cloned().expect("the testbed has arm1");
-    // arm1 is also the aarch64 builder.
     let registry = c.local.path().join("builders.toml");
     fs::write(
         &registry,
@@ -798,6 +795,16 @@ fn a_mixed_arch_fleet_builds_each_closure_on_a_machine_of_its_system() {
         ),
     )
     .unwrap();
+    (arm, registry)
+}
+
+#[test]
+fn a_mixed_arch_fleet_builds_each_closure_on_a_machine_of_its_system() {
+    let Some(c) = Ctx::new("a_mixed_arch_fleet", "h1", "tbdeploy") else {
+        return;
+    };
+    // arm1 is also the aarch64 builder.
+    let (arm, registry) = arm_builder(&c);
     c.file(
         "pkgs.toml",
         r#"
@@ -960,18 +967,7 @@ fn a_mixed_arch_stack_from_a_binary_cache_deploys_with_no_builder() {
     let Some(c) = Ctx::new("a_mixed_arch_cache_deploy", "h1", "tbdeploy") else {
         return;
     };
-    let arm = c.tb.host("arm1").cloned().expect("the testbed has arm1");
-    let registry = c.local.path().join("builders.toml");
-    fs::write(
-        &registry,
-        format!(
-            "[[builder]]\nname = \"arm1\"\nurl = \"{}\"\nkey = \"{}\"\nknown-hosts = \"{}\"\nsystems = [\"aarch64-linux\"]\n",
-            arm.url(&c.user),
-            c.tb.key.display(),
-            c.tb.known_hosts.display()
-        ),
-    )
-    .unwrap();
+    let (arm, registry) = arm_builder(&c);
     c.file(
         "pkgs.toml",
         "[package.Tool]\npname = \"tool\"\nversion = \"2\"\nscript = '''\nmkdir -p \"$out/bin\"\ncp \"$(command -v rsync)\" \"$out/bin/tool\"\n'''\n",
