@@ -124,6 +124,26 @@ pub(super) fn load_registry(flag: Option<&std::path::Path>) -> Result<Registry, 
     }
 }
 
+/// How builds are routed (for `build` and `service deploy` alike): this
+/// machine when `local`, the registry's builders, then the `--cache`s and
+/// the registry's caches.
+pub(super) fn route_options(
+    cx: &Context,
+    options: Options,
+    local: bool,
+    caches: &[String],
+    registry: &Registry,
+) -> RouteOptions {
+    let slots_dir =
+        route::default_slots_dir().unwrap_or_else(|_| cx.store_root.join(".locks/slots"));
+    let mut route_opts = RouteOptions::new(options, slots_dir);
+    route_opts.local = local;
+    route_opts.local_features = cx.config.features.clone();
+    route_opts.registry = (!registry.path.as_os_str().is_empty()).then(|| registry.path.clone());
+    route_opts.caches = caches.iter().chain(&registry.caches).cloned().collect();
+    route_opts
+}
+
 /// Forwards build events to the renderer and keeps the placements.
 struct Explaining<'a> {
     inner: &'a Renderer,
@@ -171,18 +191,7 @@ pub fn run(cx: &Context, args: BuildArgs) -> Result<(), Error> {
     } else {
         load_registry(args.builders.as_deref())?
     };
-    let slots_dir =
-        route::default_slots_dir().unwrap_or_else(|_| store.root().join(".locks/slots"));
-    let mut route_opts = RouteOptions::new(options, slots_dir);
-    route_opts.local = local;
-    route_opts.local_features = cx.config.features.clone();
-    route_opts.registry = (!registry.path.as_os_str().is_empty()).then(|| registry.path.clone());
-    route_opts.caches = args
-        .caches
-        .iter()
-        .chain(&registry.caches)
-        .cloned()
-        .collect();
+    let route_opts = route_options(cx, options, local, &args.caches, &registry);
 
     if args.dry_run {
         print_dry_run(&plan, &need, args.json)?;

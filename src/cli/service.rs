@@ -221,13 +221,13 @@ pub fn run(cx: &Context, cmd: ServiceCommand) -> Result<(), Error> {
                 build.jobs = j.max(1);
             }
             let registry = super::build::load_registry(a.builders.as_deref())?;
-            let slots_dir = punix::farm::route::default_slots_dir()
-                .unwrap_or_else(|_| cx.store_root.join(".locks/slots"));
-            let mut route = punix::farm::route::RouteOptions::new(build, slots_dir);
-            route.local = a.jobs != Some(0) && !a.builders_only;
-            route.local_features = cx.config.features.clone();
-            route.registry = (!registry.path.as_os_str().is_empty()).then(|| registry.path.clone());
-            route.caches = a.caches.iter().chain(&registry.caches).cloned().collect();
+            let route = super::build::route_options(
+                cx,
+                build,
+                a.jobs != Some(0) && !a.builders_only,
+                &a.caches,
+                &registry,
+            );
             let opts = DeployOptions {
                 recipes_path: path,
                 stack: a.stack.clone(),
