@@ -678,7 +678,16 @@ fn deploy_realised(
         let units: Vec<String> = generation.services.iter().map(|s| s.unit.clone()).collect();
         report.units_restarted = restart.clone();
         report.units_stopped = stop.clone();
-        let failed = activate(t, &stack_dir, number, &stop, &restart, &units, opts)?;
+        let failed = activate_with(
+            t,
+            &stack_dir,
+            number,
+            &stop,
+            &restart,
+            &units,
+            opts.settle_secs,
+            opts.timeout,
+        )?;
         report.activated = true;
         if !failed.is_empty() {
             let logs = unit_logs(t, &failed, opts.timeout);
@@ -853,27 +862,6 @@ fn unit_changes(
 }
 
 /// Run the activation; returns the units that are not active.
-fn activate(
-    t: &dyn Transport,
-    stack_dir: &Path,
-    number: u64,
-    stop: &[String],
-    restart: &[String],
-    check: &[String],
-    opts_timeout: &DeployOptions,
-) -> Result<Vec<(String, String)>, DeployError> {
-    activate_with(
-        t,
-        stack_dir,
-        number,
-        stop,
-        restart,
-        check,
-        opts_timeout.settle_secs,
-        opts_timeout.timeout,
-    )
-}
-
 #[allow(clippy::too_many_arguments)]
 fn activate_with(
     t: &dyn Transport,
