@@ -59,6 +59,8 @@ struct Fixture {
     dir: PathBuf,
     /// For the local kinds: the transport root.
     root: Option<tempfile::TempDir>,
+    /// For the SSH kinds: where to open another connection.
+    ssh: Option<(testbed::Testbed, testbed::Host)>,
 }
 
 fn unique(test: &str) -> String {
@@ -106,6 +108,7 @@ fn fixture(kind: Kind, test: &str) -> Option<Fixture> {
                 t: Arc::new(t),
                 dir,
                 root: Some(root),
+                ssh: None,
             })
         }
         Kind::Ssh(name) => {
@@ -117,6 +120,7 @@ fn fixture(kind: Kind, test: &str) -> Option<Fixture> {
                 t: Arc::new(t),
                 dir,
                 root: None,
+                ssh: Some((tb, host)),
             })
         }
     }
@@ -140,6 +144,20 @@ impl Fixture {
             out.stdout,
             out.stderr
         );
+        out.stdout
+    }
+
+    /// [`ok`](Self::ok) over another connection to the same target (the
+    /// same transport for the local kinds).
+    fn other_ok(&self, script: &str) -> String {
+        let Some((tb, host)) = &self.ssh else {
+            return self.ok(script);
+        };
+        let t = connect(tb, host);
+        let out = t
+            .run_script(script, T)
+            .unwrap_or_else(|e| panic!("{}: {e}\nscript:\n{script}", t.name()));
+        assert_eq!(out.status, 0, "{script}: {out:?}");
         out.stdout
     }
 
@@ -647,7 +665,9 @@ fn lock_freed_when_holder_killed(f: &Fixture) {
         Err(e) => e,
     };
     let pid = holder_pid(&e);
-    f.ok(&format!("kill -9 {pid}"));
+    // From another connection: the holder may be this transport's own
+    // remote shell, which holds the lock itself.
+    f.other_ok(&format!("kill -9 {pid}"));
     // With flock the lock dies with the process; with mkdir a waiter sees
     // the recorded pid dead and takes it over.
     let start = Instant::now();

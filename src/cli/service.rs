@@ -73,7 +73,13 @@ impl TargetArgs {
             connect_timeout: Duration::from_secs(self.connect_timeout),
             op_timeout: Duration::from_secs(self.timeout),
         };
-        Ok(Box::new(SshTransport::connect(&target, &opts)?))
+        // Every command here probes first: that goes with the login.
+        let probe = punix::deploy::remote::probe();
+        Ok(Box::new(SshTransport::connect_with_first(
+            &target,
+            &opts,
+            Some(&probe),
+        )?))
     }
 
     /// Open the one target of a command that takes one.

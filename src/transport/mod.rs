@@ -17,6 +17,7 @@
 //! utilities that busybox also has (no `flock`, no `mv -T`, no `stat -c`
 //! assumptions beyond busybox's).
 
+pub(crate) mod agent;
 pub mod local;
 pub mod script;
 pub mod ssh;

@@ -22,7 +22,6 @@
 use std::fmt;
 use std::io;
 use std::net::Ipv6Addr;
-use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::str::FromStr;
@@ -30,11 +29,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use openssh::{ControlPersist, KnownHosts, Session, SessionBuilder, Stdio};
+use openssh::{Session, Stdio};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::runtime::Runtime;
 use tokio::time::{Instant, timeout, timeout_at};
 
+use super::agent::{self, Agent, AgentError};
 use super::{
     Counters, LockGuard, LockReply, Output, PullStats, PushStats, Transport, TransportError,
     lock_holder_script, parse_lock_reply, parse_rsync_bytes_received, quote, run_rsync,
@@ -52,8 +52,9 @@ const SERVER_ALIVE: Duration = Duration::from_secs(5);
 /// binds a temporary name 17 bytes longer than the final one.
 const MAX_SOCKET_PATH: usize = 104;
 const SSH_TEMP_SUFFIX: usize = 17;
-/// What openssh adds below the control directory: `.ssh-connectionXXXXXX/master`.
-const OPENSSH_SOCKET_TAIL: usize = "/.ssh-connectionXXXXXX/master".len();
+/// The control socket and the master's log, in the control directory.
+const SOCKET_NAME: &str = "m";
+const LOG_NAME: &str = "log";
 /// How long a lock holder may take, beyond the wait it was given, to say
 /// whether it got the lock.
 const LOCK_REPLY_SLACK: Duration = Duration::from_secs(30);
@@ -311,22 +312,22 @@ pub struct SshTransport {
     inner: Arc<Inner>,
 }
 
-/// The background start of the anchor session.
-type AnchorTask = tokio::task::JoinHandle<
-    Result<Result<openssh::Child<Arc<Session>>, openssh::Error>, tokio::time::error::Elapsed>,
->;
-
 struct Inner {
     rt: Runtime,
     session: Option<Arc<Session>>,
-    /// The session that keeps the master busy while we hold it.
-    anchor: Mutex<Option<AnchorTask>>,
+    /// The `sh` of the master's first session, while it works; `None` once
+    /// it failed (every step then gets a session of its own).
+    agent: tokio::sync::Mutex<Option<Agent>>,
+    /// The answer to the first script, sent with the login.
+    prefetched: Mutex<Option<(String, Output)>>,
+    /// The `ssh` process that started the master and carries the agent.
+    client: Mutex<Option<std::process::Child>>,
     target: SshTarget,
     name: String,
     opts: SshOptions,
     connections: AtomicU64,
     round_trips: AtomicU64,
-    /// Holds the generated ssh_config and openssh's socket directory.
+    /// Holds the generated ssh_config, the control socket and the log.
     _dir: tempfile::TempDir,
 }
 
@@ -338,10 +339,71 @@ impl fmt::Debug for SshTransport {
     }
 }
 
+/// The `ssh` command that opens the master and runs the agent in its
+/// first session.
+fn master_command(
+    target: &SshTarget,
+    opts: &SshOptions,
+    dir: &Path,
+    config: Option<&Path>,
+) -> Command {
+    let mut cmd = Command::new("ssh");
+    cmd.arg("-E")
+        .arg(dir.join(LOG_NAME))
+        .arg("-S")
+        .arg(dir.join(SOCKET_NAME))
+        .args(["-M", "-T", "-o"])
+        .arg(format!("ControlPersist={CONTROL_PERSIST_SECS}s"))
+        .args([
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+        ])
+        .arg(format!(
+            "ConnectTimeout={}",
+            opts.connect_timeout.as_secs().max(1)
+        ))
+        .arg("-o")
+        .arg(format!("ServerAliveInterval={}", SERVER_ALIVE.as_secs()));
+    if let Some(p) = target.port {
+        cmd.arg("-p").arg(p.to_string());
+    }
+    cmd.arg("-l").arg(&target.user);
+    if let Some(k) = &opts.key {
+        cmd.args(["-o", "IdentitiesOnly=yes", "-i"]).arg(k);
+    }
+    if let Some(c) = config {
+        cmd.arg("-F").arg(c);
+    }
+    cmd.arg(&target.host).arg(RUN_COMMAND);
+    cmd
+}
+
+/// How the master came up.
+enum Launched {
+    /// With the agent (and the first script's answer, if one was sent).
+    Agent(Agent, Option<Output>),
+    /// The master is up but the agent did not start.
+    NoAgent,
+}
+
 impl SshTransport {
-    /// Open the control master to `target` (one TCP connection) and the
-    /// anchor session that keeps it alive while this transport lives.
+    /// Open the control master to `target` (one TCP connection), with the
+    /// agent in its first session.
     pub fn connect(target: &SshTarget, opts: &SshOptions) -> Result<Self, TransportError> {
+        Self::connect_with_first(target, opts, None)
+    }
+
+    /// [`connect`](Self::connect), sending `first` along with the login:
+    /// the first [`Transport::run_script`] of exactly that text gets its
+    /// answer without another round trip.
+    pub fn connect_with_first(
+        target: &SshTarget,
+        opts: &SshOptions,
+        first: Option<&str>,
+    ) -> Result<Self, TransportError> {
         let name = target.to_string();
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -364,7 +426,7 @@ impl SshTransport {
                     None,
                 )
             })?;
-        let socket_len = dir.path().as_os_str().len() + OPENSSH_SOCKET_TAIL + SSH_TEMP_SUFFIX;
+        let socket_len = dir.path().as_os_str().len() + 1 + SOCKET_NAME.len() + SSH_TEMP_SUFFIX;
         if socket_len > MAX_SOCKET_PATH {
             return Err(connect_error(
                 &name,
@@ -379,70 +441,103 @@ impl SshTransport {
             .known_hosts
             .as_ref()
             .map(|k| std::path::absolute(k).unwrap_or_else(|_| k.clone()));
-        let mut b = SessionBuilder::default();
-        b.user(target.user.clone())
-            .known_hosts_check(KnownHosts::Strict)
-            .control_directory(dir.path())
-            .control_persist(ControlPersist::IdleFor(
-                NonZeroUsize::new(CONTROL_PERSIST_SECS).unwrap_or(NonZeroUsize::MIN),
-            ))
-            .connect_timeout(opts.connect_timeout.max(Duration::from_secs(1)))
-            .server_alive_interval(SERVER_ALIVE);
-        if let Some(p) = target.port {
-            b.port(p);
-        }
-        if let Some(k) = &opts.key {
-            b.keyfile(k);
-        }
-        if let Some(kh) = &known_hosts {
-            let cfg = dir.path().join("ssh_config");
-            std::fs::write(&cfg, ssh_config_pinning(kh)).map_err(|e| {
-                connect_error(
-                    &name,
-                    format!("cannot write `{}`: {e}", cfg.display()),
-                    None,
-                )
-            })?;
-            b.config_file(&cfg);
-        }
+        let config = match &known_hosts {
+            Some(kh) => {
+                let cfg = dir.path().join("ssh_config");
+                std::fs::write(&cfg, ssh_config_pinning(kh)).map_err(|e| {
+                    connect_error(
+                        &name,
+                        format!("cannot write `{}`: {e}", cfg.display()),
+                        None,
+                    )
+                })?;
+                Some(cfg)
+            }
+            None => None,
+        };
+        let mut cmd = master_command(target, opts, dir.path(), config.as_deref());
+        let agent_err = std::fs::File::create(dir.path().join("agent.err"))
+            .map(std::process::Stdio::from)
+            .unwrap_or_else(|_| std::process::Stdio::null());
+        cmd.stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(agent_err);
+        let mut child = cmd.spawn().map_err(|e| TransportError::Spawn {
+            program: "ssh".into(),
+            package: "openssh-client".into(),
+            source: e,
+        })?;
         let limit = opts.connect_timeout.max(Duration::from_secs(1)) * 2 + Duration::from_secs(5);
-        let host = target.host.clone();
-        let connected = rt.block_on(async { timeout(limit, b.connect_mux(&host)).await });
-        let session = match connected {
-            Err(_) => {
-                return Err(connect_error(
+        let socket = dir.path().join(SOCKET_NAME);
+        let log = dir.path().join(LOG_NAME);
+        let session = Arc::new(Session::resume_mux(
+            socket.clone().into_boxed_path(),
+            Some(log.clone().into_boxed_path()),
+        ));
+        let pipes = child.stdin.take().zip(child.stdout.take());
+        let launched = rt.block_on(async {
+            let started = match pipes {
+                Some((input, output)) => {
+                    let input = tokio::process::ChildStdin::from_std(input);
+                    let output = tokio::process::ChildStdout::from_std(output);
+                    match (input, output) {
+                        (Ok(i), Ok(o)) => {
+                            timeout(limit, start_agent(Box::new(i), Box::new(o), first, opts)).await
+                        }
+                        _ => Ok(None),
+                    }
+                }
+                None => Ok(None),
+            };
+            match started {
+                Err(_) => Err(connect_error(
                     &name,
                     format!("no answer within {}s", limit.as_secs()),
                     Some(unreachable_hint(target, opts)),
-                ));
+                )),
+                Ok(Some(launched)) => Ok(launched),
+                // The agent did not start: either the connection failed
+                // (ssh said why in its log) or only the agent did.
+                Ok(None) => {
+                    if matches!(timeout(SMALL_STEP, session.check()).await, Ok(Ok(()))) {
+                        Ok(Launched::NoAgent)
+                    } else {
+                        let said = std::fs::read_to_string(&log).unwrap_or_default();
+                        Err(classify_connect_log(
+                            target,
+                            opts,
+                            known_hosts.as_deref(),
+                            &name,
+                            &said,
+                        ))
+                    }
+                }
             }
-            Ok(Err(e)) => {
-                return Err(classify_connect_error(
-                    target,
-                    opts,
-                    known_hosts.as_deref(),
-                    e,
-                ));
-            }
-            Ok(Ok(s)) => Arc::new(s),
-        };
-        // The anchor session starts in the background, beside the first
-        // script: nothing waits for it (it only keeps the master up while
-        // this transport lives; a server refusing sessions fails the first
-        // script with the same message).
-        let anchor_session = session.clone();
-        let anchor = rt.spawn(async move {
-            let mut cmd = anchor_session.arc_raw_command("exec cat >/dev/null");
-            cmd.stdin(Stdio::piped())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null());
-            timeout(SMALL_STEP, cmd.spawn()).await
         });
+        let launched = match launched {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(e);
+            }
+        };
+        let (agent, prefetched) = match launched {
+            Launched::Agent(a, answer) => (Some(a), answer),
+            Launched::NoAgent => (None, None),
+        };
+        let round_trips = u64::from(prefetched.is_some());
         Ok(SshTransport {
             inner: Arc::new(Inner {
                 rt,
                 session: Some(session),
-                anchor: Mutex::new(Some(anchor)),
+                agent: tokio::sync::Mutex::new(agent),
+                prefetched: Mutex::new(
+                    first
+                        .zip(prefetched)
+                        .map(|(script, out)| (script.to_string(), out)),
+                ),
+                client: Mutex::new(Some(child)),
                 target: target.clone(),
                 name,
                 opts: SshOptions {
@@ -450,7 +545,7 @@ impl SshTransport {
                     ..opts.clone()
                 },
                 connections: AtomicU64::new(1),
-                round_trips: AtomicU64::new(0),
+                round_trips: AtomicU64::new(round_trips),
                 _dir: dir,
             }),
         })
@@ -562,15 +657,39 @@ fn sweep_stale_control_dirs(base: &Path) {
         if !is_ours || !old(&dir) {
             continue;
         }
-        let has_socket = std::fs::read_dir(&dir)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .any(|c| c.file_type().is_ok_and(|t| t.is_dir()) && c.path().join("master").exists());
+        let has_socket = dir.join(SOCKET_NAME).exists();
         if !has_socket {
             let _ = std::fs::remove_dir_all(&dir);
         }
     }
+}
+
+/// Start the agent in the master's first session: send the bootstrap
+/// (and `first`), then read its hello (and `first`'s answer). `None` when
+/// the agent never answered: the connection failed, or the agent did.
+async fn start_agent(
+    input: Box<dyn tokio::io::AsyncWrite + Unpin + Send>,
+    output: Box<dyn AsyncRead + Unpin + Send>,
+    first: Option<&str>,
+    opts: &SshOptions,
+) -> Option<Launched> {
+    let marker = agent::new_marker();
+    let mut a = Agent::new(input, output, marker.clone());
+    let mut text = agent::bootstrap(&marker);
+    if let Some(f) = first {
+        text.push_str(&agent::frame(f));
+    }
+    a.send(&text).await.ok()?;
+    a.hello().await.ok()?;
+    let answer = match first {
+        None => None,
+        Some(_) => match timeout(opts.op_timeout, a.read_frame()).await {
+            Ok(Ok(o)) => Some(o),
+            // Answers would no longer line up: do without the agent.
+            _ => return Some(Launched::NoAgent),
+        },
+    };
+    Some(Launched::Agent(a, answer))
 }
 
 fn connect_error(target: &str, reason: String, hint: Option<String>) -> TransportError {
@@ -614,31 +733,6 @@ pub fn host_key_hint(target: &SshTarget, known_hosts: Option<&Path>, changed: bo
         target.host
     ));
     hint
-}
-
-/// Turn what the `ssh` master said into an error that names the target
-/// and says what to do.
-fn classify_connect_error(
-    target: &SshTarget,
-    opts: &SshOptions,
-    known_hosts: Option<&Path>,
-    e: openssh::Error,
-) -> TransportError {
-    let name = target.to_string();
-    if let openssh::Error::Connect(io) = &e
-        && io.raw_os_error() == Some(libc::ENOENT)
-    {
-        return TransportError::Spawn {
-            program: "ssh".into(),
-            package: "openssh-client".into(),
-            source: io::Error::new(io.kind(), io.to_string()),
-        };
-    }
-    let log = match &e {
-        openssh::Error::Connect(io) => io.to_string(),
-        other => chain(other),
-    };
-    classify_connect_log(target, opts, known_hosts, &name, &log)
 }
 
 fn classify_connect_log(
@@ -820,6 +914,62 @@ impl Inner {
             what: "sh -s".into(),
             secs: limit.as_secs() + u64::from(limit.subsec_nanos() > 0),
         };
+        // The agent when it is free, else a session of its own.
+        if let Ok(mut slot) = self.agent.try_lock()
+            && let Some(agent) = slot.as_mut()
+        {
+            if agent.ended().await {
+                // It died while idle: nothing was sent to it.
+                *slot = None;
+                return self.run_session(script, deadline, timed_out).await;
+            }
+            let pid = agent.pid;
+            let answer = timeout_at(deadline, agent.run(script)).await;
+            return match answer {
+                Ok(Ok(out)) => Ok(out),
+                Ok(Err(e)) => {
+                    *slot = None;
+                    Err(self.agent_gone(e).await)
+                }
+                Err(_) => {
+                    *slot = None;
+                    if let Some(pid) = pid {
+                        self.kill_group(pid).await;
+                    }
+                    Err(timed_out())
+                }
+            };
+        }
+        self.run_session(script, deadline, timed_out).await
+    }
+
+    /// What to say when the agent stopped answering in the middle of a
+    /// step: a dead master, or the agent alone.
+    async fn agent_gone(&self, e: AgentError) -> TransportError {
+        if !self.alive().await {
+            return self.dead("the connection closed");
+        }
+        let why = match e {
+            AgentError::Ended => "it ended".to_string(),
+            AgentError::Garbled(what) => format!("its answer was garbled ({what})"),
+        };
+        let said = std::fs::read_to_string(self._dir.path().join("agent.err")).unwrap_or_default();
+        TransportError::Remote {
+            target: self.name.clone(),
+            what: "punix's remote shell".into(),
+            status: 255,
+            stderr: format!("{why} before answering\n{said}"),
+            hint: None,
+        }
+    }
+
+    /// Run `script` in a session of its own (`sh -s`).
+    async fn run_session(
+        &self,
+        script: &str,
+        deadline: Instant,
+        timed_out: impl Fn() -> TransportError,
+    ) -> Result<Output, TransportError> {
         let mut cmd = self.session().clone().arc_raw_command(RUN_COMMAND);
         cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -919,25 +1069,32 @@ impl Inner {
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        let anchor = self.anchor.lock().ok().and_then(|mut a| a.take());
-        let session = self.session.take();
-        self.rt.block_on(async move {
-            // Ending the anchor leaves the master without sessions; then
-            // ask it to exit.
-            if let Some(task) = anchor
-                && let Ok(Ok(Ok(child))) = task.await
-            {
-                drop(child);
-            }
-            if let Some(s) = session {
+        // The end of its input ends the agent (and with it the lock it
+        // may hold); then the master is told to stop taking sessions, so
+        // it exits as soon as the last one closed.
+        if let Some(mut a) = self.agent.get_mut().take() {
+            a.close();
+        }
+        if let Some(s) = self.session.take() {
+            self.rt.block_on(async move {
                 match Arc::try_unwrap(s) {
                     Ok(s) => {
                         let _ = timeout(SMALL_STEP, s.close()).await;
                     }
                     Err(s) => drop(s),
                 }
-            }
-        });
+            });
+        }
+        // Reap the client without waiting for it here.
+        if let Some(mut child) = self.client.get_mut().ok().and_then(|c| c.take())
+            && !matches!(child.try_wait(), Ok(Some(_)))
+        {
+            let _ = std::thread::Builder::new()
+                .name("punix-ssh-reap".into())
+                .spawn(move || {
+                    let _ = child.wait();
+                });
+        }
     }
 }
 
@@ -952,6 +1109,13 @@ impl Transport for SshTransport {
 
     fn run_script(&self, script: &str, timeout: Duration) -> Result<Output, TransportError> {
         let inner = &self.inner;
+        // Sent with the login (and counted then).
+        if let Ok(mut p) = inner.prefetched.lock()
+            && p.as_ref().is_some_and(|(s, _)| s == script)
+            && let Some((_, out)) = p.take()
+        {
+            return Ok(out);
+        }
         inner.round_trips.fetch_add(1, Ordering::Relaxed);
         inner.rt.block_on(inner.run_script(script, timeout))
     }
@@ -1025,9 +1189,71 @@ impl Transport for SshTransport {
     fn lock(&self, lock_path: &Path, wait: Duration) -> Result<Box<dyn LockGuard>, TransportError> {
         let inner = &self.inner;
         inner.round_trips.fetch_add(1, Ordering::Relaxed);
+        let limit = wait + LOCK_REPLY_SLACK;
+        let what = format!("take the lock `{}`", lock_path.display());
+        // The agent holds it itself when it is free and holds none yet.
+        let held = inner.rt.block_on(async {
+            let Ok(mut slot) = inner.agent.try_lock() else {
+                return Ok(false);
+            };
+            let Some(agent) = slot.as_mut().filter(|a| !a.holds_lock) else {
+                return Ok(false);
+            };
+            if agent.ended().await {
+                *slot = None;
+                return Ok(false);
+            }
+            let pid = agent.pid;
+            let asked = async {
+                agent.send(&agent::lock_command(lock_path, wait)).await?;
+                agent.read_frame().await
+            };
+            let reply = match timeout(limit, asked).await {
+                Ok(Ok(out)) => out,
+                // The agent is gone, and a lock it took went with it:
+                // the lock holder session below tries again.
+                Ok(Err(AgentError::Ended)) => {
+                    *slot = None;
+                    return Ok(false);
+                }
+                Ok(Err(e)) => {
+                    *slot = None;
+                    return Err(inner.agent_gone(e).await);
+                }
+                Err(_) => {
+                    *slot = None;
+                    if let Some(pid) = pid {
+                        inner.kill_group(pid).await;
+                    }
+                    return Err(TransportError::Timeout {
+                        target: inner.name.clone(),
+                        what: what.clone(),
+                        secs: limit.as_secs(),
+                    });
+                }
+            };
+            match parse_lock_reply(reply.stdout.lines().next().unwrap_or("")) {
+                LockReply::Held => {
+                    agent.holds_lock = true;
+                    Ok(true)
+                }
+                LockReply::Busy(holder) => Err(TransportError::Locked {
+                    target: inner.name.clone(),
+                    path: lock_path.display().to_string(),
+                    holder,
+                }),
+                // No `flock` there, or the lock file cannot be opened: the
+                // lock holder session below copes, or says why.
+                LockReply::Failed => Ok(false),
+            }
+        })?;
+        if held {
+            return Ok(Box::new(AgentLockGuard {
+                inner: self.inner.clone(),
+            }));
+        }
         let script = lock_holder_script(lock_path, wait, super::LockMethod::Auto);
         let command = format!("exec sh -c {}", quote(&script));
-        let what = format!("take the lock `{}`", lock_path.display());
         inner.rt.block_on(async {
             let mut cmd = inner.session().clone().arc_raw_command(command);
             cmd.stdin(Stdio::piped())
@@ -1048,7 +1274,6 @@ impl Transport for SshTransport {
             let mut stdout = child.stdout().take().map(BufReader::new);
             let stderr = child.stderr().take();
             let mut line = String::new();
-            let limit = wait + LOCK_REPLY_SLACK;
             if let Some(out) = stdout.as_mut() {
                 match timeout(limit, out.read_line(&mut line)).await {
                     Ok(_) => {}
@@ -1102,6 +1327,30 @@ impl Transport for SshTransport {
             connections: self.inner.connections.load(Ordering::Relaxed),
             round_trips: self.inner.round_trips.load(Ordering::Relaxed),
         }
+    }
+}
+
+/// A lock the agent holds (an `flock` on its fd 9).
+struct AgentLockGuard {
+    inner: Arc<Inner>,
+}
+
+impl LockGuard for AgentLockGuard {}
+
+impl Drop for AgentLockGuard {
+    fn drop(&mut self) {
+        // Sent without waiting: the agent lets go before it reads anything
+        // sent after, and when it ends.
+        let inner = &self.inner;
+        inner.rt.block_on(async {
+            let mut slot = inner.agent.lock().await;
+            if let Some(a) = slot.as_mut() {
+                a.holds_lock = false;
+                if a.send(agent::UNLOCK).await.is_err() {
+                    *slot = None;
+                }
+            }
+        });
     }
 }
 
