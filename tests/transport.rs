@@ -217,6 +217,7 @@ suite!(
     lock_freed_when_holder_killed,
     lock_freed_when_punix_killed,
     measures_round_trips,
+    lock_and_run_runs_only_under_the_lock,
 );
 
 fn runs_scripts(f: &Fixture) {
@@ -602,6 +603,54 @@ fn holder_pid(e: &TransportError) -> u32 {
         .and_then(|r| r.split_whitespace().next())
         .and_then(|p| p.parse().ok())
         .unwrap_or_else(|| panic!("no pid in holder `{h}`"))
+}
+
+fn lock_and_run_runs_only_under_the_lock(f: &Fixture) {
+    let path = f.dir.join("locks/run.lock");
+    let marker = f.q(&f.dir.join("ran"));
+    let script = format!(
+        "mkdir -p {d} && echo x >> {marker} && cat {marker} | wc -l",
+        d = f.q(&f.dir)
+    );
+    // Held elsewhere (another connection): the script does not run.
+    let other = f.ssh.as_ref().map(|(tb, host)| connect(tb, host));
+    let holder: &dyn Transport = match &other {
+        Some(t) => t,
+        None => f.t.as_ref(),
+    };
+    let g = holder
+        .lock(&path, Duration::ZERO)
+        .unwrap_or_else(|e| panic!("{e}"));
+    match f.t.lock_and_run(&path, Duration::ZERO, &script, T) {
+        Ok(_) => panic!("ran while another held the lock"),
+        Err(e) => assert!(matches!(e, TransportError::Locked { .. }), "{e}"),
+    }
+    assert_eq!(
+        f.ok(&format!("[ -e {marker} ] && echo yes || echo no")),
+        "no\n"
+    );
+    drop(g);
+    // Free: the script runs once, under the lock, which is then held.
+    let (g, out) =
+        f.t.lock_and_run(&path, Duration::from_secs(5), &script, T)
+            .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!((out.status, out.stdout.trim()), (0, "1"), "{out:?}");
+    match holder.lock(&path, Duration::ZERO) {
+        Ok(_) => panic!("the lock was not held"),
+        Err(e) => assert!(matches!(e, TransportError::Locked { .. }), "{e}"),
+    }
+    // A failing script is an answer, and the lock is still released.
+    drop(g);
+    let (g, out) =
+        f.t.lock_and_run(&path, Duration::from_secs(5), "echo no >&2; exit 4", T)
+            .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!((out.status, out.stderr.as_str()), (4, "no\n"));
+    drop(g);
+    drop(
+        holder
+            .lock(&path, Duration::from_secs(5))
+            .unwrap_or_else(|e| panic!("{e}")),
+    );
 }
 
 fn lock_excludes_then_frees(f: &Fixture) {

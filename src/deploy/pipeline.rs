@@ -15,14 +15,14 @@ use super::remote::{self, Commit, Layout, Probe, State, Watched, Write};
 use super::render::{self, Desired};
 use super::secrets::{self, Secrets};
 use crate::build::Observer;
-use crate::build::plan::plan;
+use crate::build::plan::{Plan, plan};
 use crate::build::scheduler;
 use crate::platform::System;
 use crate::recipe::stack::{EnvValue, SecretRef, Stack};
 use crate::recipe::{self, Recipes};
 use crate::store::Store;
 use crate::store::content_hash::sha256_hex;
-use crate::transport::{Counters, Transport};
+use crate::transport::{Counters, Transport, TransportError};
 
 /// What a deploy is asked to do.
 #[derive(Debug, Clone)]
@@ -292,6 +292,9 @@ fn realise_closure(
 ) -> Result<Closure, DeployError> {
     let plan = plan(recipes, store.root(), system, &stack.modules())?;
     let need = scheduler::missing(store, &plan);
+    if need.is_empty() {
+        return closure_of(store, &plan, 0);
+    }
     let mut built = 0;
     if !need.is_empty() && !opts.dry_run {
         // This machine when it can, else the build farm; a closure is
@@ -305,22 +308,47 @@ fn realise_closure(
         )?;
         built = report.built.len();
     }
-    let roots: Vec<String> = plan.roots.values().cloned().collect();
-    let closure: Vec<String> = if opts.dry_run && !need.is_empty() {
-        plan.order.clone()
-    } else {
-        store.closure(roots)?.into_iter().collect()
-    };
-    let by_module = plan
-        .roots
+    if opts.dry_run {
+        // What would be built is not there to read references from.
+        return Ok(Closure {
+            names: plan.order.clone(),
+            by_module: by_module(store, &plan),
+            built,
+        });
+    }
+    closure_of(store, &plan, built)
+}
+
+fn by_module(store: &Store, plan: &Plan) -> BTreeMap<String, PathBuf> {
+    plan.roots
         .iter()
         .map(|(m, n)| (m.clone(), store.entry_path(n)))
-        .collect();
+        .collect()
+}
+
+/// The closure of a plan whose every entry is in the store.
+fn closure_of(store: &Store, plan: &Plan, built: usize) -> Result<Closure, DeployError> {
+    let roots: Vec<String> = plan.roots.values().cloned().collect();
     Ok(Closure {
-        names: closure,
-        by_module,
+        names: store.closure(roots)?.into_iter().collect(),
+        by_module: by_module(store, plan),
         built,
     })
+}
+
+/// The closure of `stack` for `system` if nothing of it needs building:
+/// read-only, so it can run while the targets are being connected.
+fn closure_if_built(
+    recipes: &Recipes,
+    stack: &Stack,
+    store: &Store,
+    system: &System,
+) -> Option<Closure> {
+    let plan = plan(recipes, store.root(), system, &stack.modules()).ok()?;
+    if !scheduler::missing(store, &plan).is_empty() {
+        return None;
+    }
+    closure_of(store, &plan, 0).ok()
 }
 
 /// What every target of one deploy shares: the checked recipes, the
@@ -431,12 +459,6 @@ fn deploy_realised(
         ..DeployReport::default()
     };
 
-    let _lock = if opts.dry_run {
-        None
-    } else {
-        Some(t.lock(&lay.stack_dir.join(".lock"), opts.lock_wait)?)
-    };
-
     let paths: Vec<PathBuf> = desired.iter().map(|d| d.path.clone()).collect();
     let mut create = vec![lay.store.clone(), lay.stack_dir.clone()];
     if !stack.services.is_empty() {
@@ -446,7 +468,29 @@ fn deploy_realised(
         create.clear();
     }
     let script = remote::state(&lay, closure, &watched(t, &paths), &create, !opts.dry_run);
-    let out = t.run_checked("state query", &script, opts.timeout)?;
+    // Under the stack's lock (one round trip for both where the transport
+    // can), except for a dry run, which changes nothing.
+    let (_lock, out) = if opts.dry_run {
+        (None, t.run_script(&script, opts.timeout)?)
+    } else {
+        let (guard, out) = t.lock_and_run(
+            &lay.stack_dir.join(".lock"),
+            opts.lock_wait,
+            &script,
+            opts.timeout,
+        )?;
+        (Some(guard), out)
+    };
+    if out.status != 0 {
+        return Err(TransportError::Remote {
+            target: t.name(),
+            what: "state query".into(),
+            status: out.status,
+            stderr: out.stderr,
+            hint: None,
+        }
+        .into());
+    }
     let st = State::parse(&out.stdout, paths.len());
     report.rolled_forward = st.rolled_forward.clone();
     report.journals_failed = st.journal_failed.clone();
@@ -1503,12 +1547,13 @@ pub fn gc_target(
         return Ok(report);
     }
     let mut del = format!("set -e\nS={s}\n");
-    del.push_str("while read -r n; do\n  [ -n \"$n\" ] || continue\n  t=\"$S/.del-$$-$n\"\n  chmod u+w \"$S/$n\" 2>/dev/null || true\n  mv \"$S/$n\" \"$t\"\n  chmod -R u+w \"$t\" 2>/dev/null || true\n  rm -rf \"$t\"\ndone <<'PUNIX_NAMES_EOF'\n");
-    for n in &deleted {
-        del.push_str(n);
-        del.push('\n');
-    }
-    del.push_str("PUNIX_NAMES_EOF\n");
+    let _ = std::fmt::Write::write_fmt(
+        &mut del,
+        format_args!(
+            "for n in {}; do\n  t=\"$S/.del-$$-$n\"\n  chmod u+w \"$S/$n\" 2>/dev/null || true\n  mv \"$S/$n\" \"$t\"\n  chmod -R u+w \"$t\" 2>/dev/null || true\n  rm -rf \"$t\"\ndone\n",
+            crate::transport::script::words(deleted.iter().map(String::as_str))
+        ),
+    );
     t.run_checked("gc", &del, timeout)?;
     Ok(report)
 }
@@ -1657,22 +1702,25 @@ pub fn deploy_fleet(
     let prepared = prepare(opts)?;
     let stop = AtomicBool::new(false);
 
-    // Hash the sources (the bulk of planning) while the targets are
-    // connected and probed; the plans made after the probes reuse them.
-    let probed = std::thread::scope(|scope| {
-        scope.spawn(|| {
-            let _ = plan(
-                &prepared.recipes,
-                prepared.store.root(),
-                &System::host(),
-                &prepared.stack.modules(),
-            );
-        });
-        probe_all(targets, connect, opts, parallel, fail_fast, &stop, fleet)
+    // Plan for this machine's system while the targets are connected and
+    // probed: that hashes the sources (the bulk of planning, which the
+    // plans for other systems reuse) and, when everything is built
+    // already, gives the closure of targets of this machine's system.
+    let host = System::host();
+    let (probed, speculated) = std::thread::scope(|scope| {
+        let speculation = scope
+            .spawn(|| closure_if_built(&prepared.recipes, &prepared.stack, &prepared.store, &host));
+        let probed = probe_all(targets, connect, opts, parallel, fail_fast, &stop, fleet);
+        (probed, speculation.join().ok().flatten())
     });
 
     // One closure per system.
     let mut closures: BTreeMap<System, Result<Closure, DeployError>> = BTreeMap::new();
+    if let Some(c) = speculated
+        && probed.iter().flatten().any(|p| p.system == host)
+    {
+        closures.insert(host.clone(), Ok(c));
+    }
     for p in &probed {
         let Ok(p) = p else { continue };
         if closures.contains_key(&p.system) || (fail_fast && stop.load(Ordering::Relaxed)) {

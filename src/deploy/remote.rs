@@ -21,7 +21,7 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use crate::transport::quote;
-use crate::transport::script::{quote_path, write_staged};
+use crate::transport::script::{quote_path, words, write_staged};
 
 fn q(p: &Path) -> String {
     quote_path(p)
@@ -141,12 +141,11 @@ fi
 "#,
     );
     // Missing store paths: one line per path, all in this one script.
-    s.push_str("while read -r n; do [ -e \"$S/$n/built\" ] || printf 'missing %s\\n' \"$n\"; done <<'PUNIX_NAMES_EOF'\n");
-    for n in names {
-        s.push_str(n);
-        s.push('\n');
-    }
-    s.push_str("PUNIX_NAMES_EOF\n");
+    let _ = writeln!(
+        s,
+        "for n in {}; do [ -e \"$S/$n/built\" ] || printf 'missing %s\\n' \"$n\"; done",
+        words(names.iter().map(String::as_str))
+    );
     for (i, f) in files.iter().enumerate() {
         for p in &f.parents {
             let _ = writeln!(s, "[ ! -L {p} ] || printf 'unsafe {i} %s\\n' {p}", p = q(p));
@@ -359,15 +358,18 @@ pub fn commit(c: &Commit<'_>) -> String {
     );
     if let Some((dir, names)) = &c.pushed {
         let _ = writeln!(j, "S={}\nP={}", q(&c.layout.store), q(dir));
-        // Collect the entries to move with shell builtins only, then move
-        // them all with three processes whatever their number (renaming a
-        // directory into another parent needs write permission on it).
-        j.push_str("set --\nwhile read -r n; do\n  [ -n \"$n\" ] || continue\n  if [ -e \"$S/$n/built\" ]; then continue; fi\n  [ -e \"$P/$n/built\" ] || continue\n  if [ -e \"$S/$n\" ]; then chmod -R u+w \"$S/$n\"; rm -rf \"$S/$n\"; fi\n  set -- \"$@\" \"$n\"\ndone <<'PUNIX_NAMES_EOF'\n");
-        for n in names {
-            j.push_str(n);
-            j.push('\n');
-        }
-        j.push_str("PUNIX_NAMES_EOF\nif [ \"$#\" -gt 0 ]; then\n  (cd \"$P\" && chmod u+w -- \"$@\" && mv -- \"$@\" \"$S\"/)\n  (cd \"$S\" && chmod a-w -- \"$@\")\nfi\n");
+        // Drop from the push directory what is not to be moved (already in
+        // the store, or incomplete), clear leftovers under final names,
+        // then move what remains with three processes whatever their
+        // number (renaming a directory into another parent needs write
+        // permission on it). The list of what remains is a glob: building
+        // it with `set -- "$@" "$n"` would copy it once per name.
+        let _ = writeln!(
+            j,
+            "for n in {}; do\n  if [ -e \"$S/$n/built\" ] || [ ! -e \"$P/$n/built\" ]; then\n    if [ -e \"$P/$n\" ]; then chmod -R u+w \"$P/$n\"; rm -rf \"$P/$n\"; fi\n    continue\n  fi\n  if [ -e \"$S/$n\" ]; then chmod -R u+w \"$S/$n\"; rm -rf \"$S/$n\"; fi\ndone",
+            words(names.iter().map(String::as_str))
+        );
+        j.push_str("if [ -d \"$P\" ]; then\n  (cd \"$P\" && set -- * && if [ -e \"$1\" ]; then chmod u+w -- \"$@\" && mv -- \"$@\" \"$S\"/ && cd \"$S\" && chmod a-w -- \"$@\"; fi)\nfi\n");
     }
     for w in &c.writes {
         let t = q(&staged_name(&w.path, c.number));

@@ -51,7 +51,7 @@ use crate::build::plan::Node;
 use crate::files;
 use crate::store::content_hash::hash_tree;
 use crate::store::{Store, StoreError};
-use crate::transport::script::write_staged;
+use crate::transport::script::{words, write_staged};
 use crate::transport::{Transport, TransportError, quote, quote_path};
 
 /// Temporaries and build directories a lost build left on a builder are
@@ -926,12 +926,11 @@ fn prepare_script(store_root: &Path, names: &[String]) -> String {
 fi
 "#,
     );
-    s.push_str("while read -r n; do [ -z \"$n\" ] || [ -e \"$S/$n/built\" ] || echo \"missing=$n\"; done <<'PUNIX_NAMES_EOF'\n");
-    for n in names {
-        s.push_str(n);
-        s.push('\n');
-    }
-    s.push_str("PUNIX_NAMES_EOF\n");
+    let _ = writeln!(
+        s,
+        "for n in {}; do [ -e \"$S/$n/built\" ] || echo \"missing=$n\"; done",
+        words(names.iter().map(|n| n.as_ref()))
+    );
     let _ = writeln!(
         s,
         r#"B=$(mktemp -d "${{TMPDIR:-/tmp}}/{BUILD_DIR_PREFIX}XXXXXXXX") || {{ echo "punix: cannot make a build directory in ${{TMPDIR:-/tmp}}" >&2; exit 5; }}
@@ -1010,21 +1009,18 @@ fn build_script(b: &BuildScript<'_>) -> String {
     if let Some((dir, names)) = &b.staging {
         let _ = writeln!(s, "P={}", q(dir));
         s.push_str(
-            r#"while read -r n; do
-  [ -n "$n" ] || continue
+            r#"for n in PUNIX_WORDS; do
   [ -e "$S/$n/built" ] && continue
   if [ ! -e "$P/$n/built" ]; then echo "punix: the input $n did not arrive in $P" >&2; exit 4; fi
   if [ -e "$S/$n" ] && [ ! -e "$S/$n/built" ]; then chmod -R u+w "$S/$n"; rm -rf "$S/$n"; fi
   [ -e "$S/$n" ] && continue
   chmod u+w "$P/$n" && mv "$P/$n" "$S/$n" && chmod a-w "$S/$n" || { echo "punix: cannot move the input $n into $S" >&2; exit 4; }
-done <<'PUNIX_NAMES_EOF'
-"#,
+done
+"#
+            .replace("PUNIX_WORDS", &words(names.iter().map(|n| n.as_ref())))
+            .as_str(),
         );
-        for n in *names {
-            s.push_str(n);
-            s.push('\n');
-        }
-        s.push_str("PUNIX_NAMES_EOF\nchmod -R u+w \"$P\" 2>/dev/null; rm -rf \"$P\"\n");
+        s.push_str("chmod -R u+w \"$P\" 2>/dev/null; rm -rf \"$P\"\n");
     }
     s.push_str("for n in");
     for n in b.closure {

@@ -78,13 +78,16 @@ punix_frame() {{
   [ "$punix_n" = 0 ] || cat "$PUNIX_E"
   : >"$PUNIX_E"
 }}
+PUNIX_LOCKED=
 punix_lock() {{
+  PUNIX_LOCKED=
   command -v flock >/dev/null 2>&1 || {{ echo fallback; return 0; }}
   mkdir -p -- "$(dirname -- "$1")" 2>/dev/null
   ( : >>"$1" ) 2>/dev/null || {{ echo fallback; return 0; }}
   exec 9>>"$1"
   if flock $2 9; then
     printf 'pid %s on %s since %s' "$$" "$(uname -n 2>/dev/null)" "$(date -u +%Y-%m-%dT%H:%M:%SZ)" >"$1"
+    PUNIX_LOCKED=1
     echo locked
   else
     printf 'busy %s\n' "$(head -n 1 "$1" 2>/dev/null)"
@@ -127,8 +130,22 @@ pub(crate) fn lock_command(lock: &Path, wait: Duration) -> String {
     )
 }
 
+/// [`frame`], run only if the lock command sent just before took the
+/// lock; else its answer is status [`SKIPPED`] and nothing ran. Sent right
+/// behind [`lock_command`], the lock and the script cost one round trip.
+pub(crate) fn frame_if_locked(script: &str) -> String {
+    let mut s = String::with_capacity(script.len() + 160);
+    s.push_str("PUNIX_S=");
+    s.push_str(&super::quote(script));
+    s.push_str("\nif [ -n \"$PUNIX_LOCKED\" ]; then ( eval \"$PUNIX_S\" ) </dev/null 9>&- 2>\"$PUNIX_E\"; punix_frame $?; else punix_frame 254; fi; PUNIX_S=\n");
+    s
+}
+
+/// The status of a [`frame_if_locked`] that did not run.
+pub(crate) const SKIPPED: i32 = 254;
+
 /// The text that lets the lock go; it answers nothing.
-pub(crate) const UNLOCK: &str = "exec 9>&-\n";
+pub(crate) const UNLOCK: &str = "exec 9>&-; PUNIX_LOCKED=\n";
 
 /// One agent: the write end of its input and the read end of its output.
 pub(crate) struct Agent {
@@ -366,11 +383,28 @@ mod tests {
                 .expect("send");
             let busy = b.read_frame().await.expect("reply").stdout;
             assert!(busy.starts_with("busy pid "), "{busy}");
+            // A script sent behind a lock that was not taken does not run.
+            b.send(&lock_command(&lock, Duration::ZERO))
+                .await
+                .expect("send");
+            b.send(&frame_if_locked("echo ran")).await.expect("send");
+            assert!(
+                b.read_frame()
+                    .await
+                    .expect("reply")
+                    .stdout
+                    .starts_with("busy")
+            );
+            let o = b.read_frame().await.expect("reply");
+            assert_eq!((o.status, o.stdout.as_str()), (SKIPPED, ""));
             a.send(UNLOCK).await.expect("send");
             b.send(&lock_command(&lock, Duration::from_secs(5)))
                 .await
                 .expect("send");
+            b.send(&frame_if_locked("echo ran")).await.expect("send");
             assert_eq!(b.read_frame().await.expect("reply").stdout, "locked\n");
+            let o = b.read_frame().await.expect("reply");
+            assert_eq!((o.status, o.stdout.as_str()), (0, "ran\n"));
             // The holder going away lets go too.
             b.close();
             drop(b);

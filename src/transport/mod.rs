@@ -173,6 +173,21 @@ pub trait Transport: Send + Sync {
     /// this process and with the connection.
     fn lock(&self, lock_path: &Path, wait: Duration) -> Result<Box<dyn LockGuard>, TransportError>;
 
+    /// [`lock`](Self::lock), then [`run_script`](Self::run_script) under
+    /// it. A transport that can sends both at once (one round trip); the
+    /// script runs only if the lock was taken.
+    fn lock_and_run(
+        &self,
+        lock_path: &Path,
+        wait: Duration,
+        script: &str,
+        timeout: Duration,
+    ) -> Result<(Box<dyn LockGuard>, Output), TransportError> {
+        let guard = self.lock(lock_path, wait)?;
+        let out = self.run_script(script, timeout)?;
+        Ok((guard, out))
+    }
+
     /// Connections and round trips so far.
     fn counters(&self) -> Counters;
 

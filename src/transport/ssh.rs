@@ -943,6 +943,102 @@ impl Inner {
         self.run_session(script, deadline, timed_out).await
     }
 
+    /// Take the lock in the agent, and with `then`, run that script right
+    /// behind it (in the same round trip) if the lock was taken.
+    async fn agent_lock(
+        &self,
+        lock_path: &Path,
+        wait: Duration,
+        then: Option<&str>,
+        then_limit: Duration,
+    ) -> Result<AgentLock, TransportError> {
+        let limit = wait + LOCK_REPLY_SLACK;
+        let Ok(mut slot) = self.agent.try_lock() else {
+            return Ok(AgentLock::NotHere);
+        };
+        let Some(agent) = slot.as_mut().filter(|a| !a.holds_lock) else {
+            return Ok(AgentLock::NotHere);
+        };
+        if agent.ended().await {
+            *slot = None;
+            return Ok(AgentLock::NotHere);
+        }
+        let pid = agent.pid;
+        let asked = async {
+            let mut text = agent::lock_command(lock_path, wait);
+            if let Some(script) = then {
+                text.push_str(&agent::frame_if_locked(script));
+            }
+            agent.send(&text).await?;
+            let reply = agent.read_frame().await?;
+            let reply = parse_lock_reply(reply.stdout.lines().next().unwrap_or(""));
+            Ok((reply, agent))
+        };
+        let (reply, agent) = match timeout(limit, asked).await {
+            Ok(Ok(r)) => r,
+            // The agent is gone, and a lock it took went with it: a lock
+            // holder session tries again.
+            Ok(Err(AgentError::Ended)) => {
+                *slot = None;
+                return Ok(AgentLock::NotHere);
+            }
+            Ok(Err(e)) => {
+                *slot = None;
+                return Err(self.agent_gone(e).await);
+            }
+            Err(_) => {
+                *slot = None;
+                if let Some(pid) = pid {
+                    self.kill_group(pid).await;
+                }
+                return Err(TransportError::Timeout {
+                    target: self.name.clone(),
+                    what: format!("take the lock `{}`", lock_path.display()),
+                    secs: limit.as_secs(),
+                });
+            }
+        };
+        if let LockReply::Held = reply {
+            agent.holds_lock = true;
+        }
+        // The script's answer (which says it did not run unless the lock
+        // was taken) comes next whatever the reply.
+        let answer = match then {
+            None => None,
+            Some(_) => match timeout(then_limit, agent.read_frame()).await {
+                Ok(Ok(out)) => Some(out),
+                Ok(Err(e)) => {
+                    *slot = None;
+                    return Err(self.agent_gone(e).await);
+                }
+                Err(_) => {
+                    *slot = None;
+                    if let Some(pid) = pid {
+                        self.kill_group(pid).await;
+                    }
+                    return Err(TransportError::Timeout {
+                        target: self.name.clone(),
+                        what: "sh -s".into(),
+                        secs: then_limit.as_secs(),
+                    });
+                }
+            },
+        };
+        match reply {
+            LockReply::Held => Ok(AgentLock::Held(
+                answer.filter(|o| o.status != agent::SKIPPED),
+            )),
+            LockReply::Busy(holder) => Err(TransportError::Locked {
+                target: self.name.clone(),
+                path: lock_path.display().to_string(),
+                holder,
+            }),
+            // No `flock` there, or the lock file cannot be opened: the
+            // lock holder session copes, or says why.
+            LockReply::Failed => Ok(AgentLock::NotHere),
+        }
+    }
+
     /// What to say when the agent stopped answering in the middle of a
     /// step: a dead master, or the agent alone.
     async fn agent_gone(&self, e: AgentError) -> TransportError {
@@ -1189,69 +1285,78 @@ impl Transport for SshTransport {
     fn lock(&self, lock_path: &Path, wait: Duration) -> Result<Box<dyn LockGuard>, TransportError> {
         let inner = &self.inner;
         inner.round_trips.fetch_add(1, Ordering::Relaxed);
-        let limit = wait + LOCK_REPLY_SLACK;
-        let what = format!("take the lock `{}`", lock_path.display());
-        // The agent holds it itself when it is free and holds none yet.
-        let held = inner.rt.block_on(async {
-            let Ok(mut slot) = inner.agent.try_lock() else {
-                return Ok(false);
-            };
-            let Some(agent) = slot.as_mut().filter(|a| !a.holds_lock) else {
-                return Ok(false);
-            };
-            if agent.ended().await {
-                *slot = None;
-                return Ok(false);
-            }
-            let pid = agent.pid;
-            let asked = async {
-                agent.send(&agent::lock_command(lock_path, wait)).await?;
-                agent.read_frame().await
-            };
-            let reply = match timeout(limit, asked).await {
-                Ok(Ok(out)) => out,
-                // The agent is gone, and a lock it took went with it:
-                // the lock holder session below tries again.
-                Ok(Err(AgentError::Ended)) => {
-                    *slot = None;
-                    return Ok(false);
-                }
-                Ok(Err(e)) => {
-                    *slot = None;
-                    return Err(inner.agent_gone(e).await);
-                }
-                Err(_) => {
-                    *slot = None;
-                    if let Some(pid) = pid {
-                        inner.kill_group(pid).await;
-                    }
-                    return Err(TransportError::Timeout {
-                        target: inner.name.clone(),
-                        what: what.clone(),
-                        secs: limit.as_secs(),
-                    });
-                }
-            };
-            match parse_lock_reply(reply.stdout.lines().next().unwrap_or("")) {
-                LockReply::Held => {
-                    agent.holds_lock = true;
-                    Ok(true)
-                }
-                LockReply::Busy(holder) => Err(TransportError::Locked {
-                    target: inner.name.clone(),
-                    path: lock_path.display().to_string(),
-                    holder,
-                }),
-                // No `flock` there, or the lock file cannot be opened: the
-                // lock holder session below copes, or says why.
-                LockReply::Failed => Ok(false),
-            }
-        })?;
-        if held {
-            return Ok(Box::new(AgentLockGuard {
+        match inner
+            .rt
+            .block_on(inner.agent_lock(lock_path, wait, None, Duration::ZERO))?
+        {
+            AgentLock::Held(_) => Ok(Box::new(AgentLockGuard {
                 inner: self.inner.clone(),
-            }));
+            })),
+            AgentLock::NotHere => self.lock_session(lock_path, wait),
         }
+    }
+
+    fn lock_and_run(
+        &self,
+        lock_path: &Path,
+        wait: Duration,
+        script: &str,
+        timeout: Duration,
+    ) -> Result<(Box<dyn LockGuard>, Output), TransportError> {
+        let inner = &self.inner;
+        inner.round_trips.fetch_add(2, Ordering::Relaxed);
+        match inner
+            .rt
+            .block_on(inner.agent_lock(lock_path, wait, Some(script), timeout))?
+        {
+            AgentLock::Held(Some(out)) => Ok((
+                Box::new(AgentLockGuard {
+                    inner: self.inner.clone(),
+                }),
+                out,
+            )),
+            AgentLock::Held(None) => {
+                let guard = Box::new(AgentLockGuard {
+                    inner: self.inner.clone(),
+                });
+                let out = inner.rt.block_on(inner.run_script(script, timeout))?;
+                Ok((guard, out))
+            }
+            AgentLock::NotHere => {
+                let guard = self.lock_session(lock_path, wait)?;
+                let out = inner.rt.block_on(inner.run_script(script, timeout))?;
+                Ok((guard, out))
+            }
+        }
+    }
+
+    fn counters(&self) -> Counters {
+        Counters {
+            connections: self.inner.connections.load(Ordering::Relaxed),
+            round_trips: self.inner.round_trips.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// What the agent did with a lock request.
+enum AgentLock {
+    /// It holds the lock; and the answer of the script sent with it.
+    Held(Option<Output>),
+    /// It cannot take it (busy with another step, holding another lock,
+    /// gone, or no `flock` there): a lock holder session must.
+    NotHere,
+}
+
+impl SshTransport {
+    /// Take the lock with a lock holder session of its own.
+    fn lock_session(
+        &self,
+        lock_path: &Path,
+        wait: Duration,
+    ) -> Result<Box<dyn LockGuard>, TransportError> {
+        let inner = &self.inner;
+        let what = format!("take the lock `{}`", lock_path.display());
+        let limit = wait + LOCK_REPLY_SLACK;
         let script = lock_holder_script(lock_path, wait, super::LockMethod::Auto);
         let command = format!("exec sh -c {}", quote(&script));
         inner.rt.block_on(async {
@@ -1320,13 +1425,6 @@ impl Transport for SshTransport {
                 }
             }
         })
-    }
-
-    fn counters(&self) -> Counters {
-        Counters {
-            connections: self.inner.connections.load(Ordering::Relaxed),
-            round_trips: self.inner.round_trips.load(Ordering::Relaxed),
-        }
     }
 }
 
