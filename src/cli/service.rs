@@ -250,17 +250,7 @@ pub fn run(cx: &Context, cmd: ServiceCommand) -> Result<(), Error> {
                 builders: registry.builders,
             };
             // Recipes and secrets are checked before any connection.
-            let recipes = punix::recipe::load(&opts.recipes_path)?;
-            let stack = recipes.stack(&opts.stack)?;
-            punix::deploy::secrets::resolve(stack).map_err(|missing| {
-                punix::deploy::DeployError::MissingSecrets {
-                    stack: stack.name.clone(),
-                    missing: missing
-                        .iter()
-                        .map(|m| format!("  - {} ({})", m.reference, m.reason))
-                        .collect(),
-                }
-            })?;
+            let prepared = deploy::prepare(&opts)?;
             let mut urls: Vec<String> = a.target.target.clone();
             if let Some(file) = &a.targets {
                 urls.extend(
@@ -300,6 +290,7 @@ pub fn run(cx: &Context, cmd: ServiceCommand) -> Result<(), Error> {
                 })
             };
             let result = deploy::deploy_fleet(
+                &prepared,
                 &urls,
                 &connect,
                 &opts,

@@ -1689,6 +1689,7 @@ fn probe_all(
 /// whole deploy; everything after is reported per target.
 #[allow(clippy::too_many_arguments)]
 pub fn deploy_fleet(
+    prepared: &Prepared,
     targets: &[String],
     connect: &Connector<'_>,
     opts: &DeployOptions,
@@ -1699,7 +1700,6 @@ pub fn deploy_fleet(
 ) -> Result<Vec<TargetResult>, DeployError> {
     use std::sync::atomic::{AtomicBool, Ordering};
     let start = Instant::now();
-    let prepared = prepare(opts)?;
     let stop = AtomicBool::new(false);
 
     // Plan for this machine's system while the targets are connected and
@@ -1757,7 +1757,7 @@ pub fn deploy_fleet(
                     fleet.target_event(target, TargetEvent::Deploying);
                     deploy_realised(
                         p.transport.as_ref(),
-                        &prepared,
+                        prepared,
                         &p.probe,
                         &p.system,
                         closure,

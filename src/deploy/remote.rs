@@ -29,11 +29,11 @@ fn q(p: &Path) -> String {
 
 /// The probe script.
 pub fn probe() -> String {
-    r#"printf 'machine=%s\n' "$(uname -m)"
-printf 'kernel=%s\n' "$(uname -s)"
+    r#"set -- $(uname -sm)
+printf 'kernel=%s\nmachine=%s\n' "$1" "$2"
 printf 'home=%s\n' "$HOME"
 printf 'uid=%s\n' "$(id -u)"
-printf 'user=%s\n' "$(id -un 2>/dev/null)"
+printf 'user=%s\n' "${USER:-${LOGNAME:-$(id -un 2>/dev/null)}}"
 if [ -d /run/systemd/system ]; then echo 'has=systemd-running'; fi
 for t in rsync systemctl setsid base64 sha256sum; do
   if command -v "$t" >/dev/null 2>&1; then printf 'has=%s\n' "$t"; fi
@@ -128,7 +128,7 @@ done
     for dir in dirs_to_create {
         let _ = writeln!(
             s,
-            "mkdir -p {p} 2>/dev/null; if [ -d {p} ] && [ -w {p} ]; then :; else printf 'unwritable %s\\n' {p}; fi",
+            "[ -d {p} ] || mkdir -p {p} 2>/dev/null; if [ -d {p} ] && [ -w {p} ]; then :; else printf 'unwritable %s\\n' {p}; fi",
             p = q(dir)
         );
     }

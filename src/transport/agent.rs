@@ -82,11 +82,12 @@ PUNIX_LOCKED=
 punix_lock() {{
   PUNIX_LOCKED=
   command -v flock >/dev/null 2>&1 || {{ echo fallback; return 0; }}
-  mkdir -p -- "$(dirname -- "$1")" 2>/dev/null
+  case $1 in */*) [ -d "${{1%/*}}/" ] || mkdir -p -- "${{1%/*}}/" 2>/dev/null ;; esac
   ( : >>"$1" ) 2>/dev/null || {{ echo fallback; return 0; }}
   exec 9>>"$1"
   if flock $2 9; then
-    printf 'pid %s on %s since %s' "$$" "$(uname -n 2>/dev/null)" "$(date -u +%Y-%m-%dT%H:%M:%SZ)" >"$1"
+    : "${{PUNIX_HOST:=$(uname -n 2>/dev/null)}}"
+    printf 'pid %s on %s since %s' "$$" "$PUNIX_HOST" "$(date -u +%Y-%m-%dT%H:%M:%SZ)" >"$1"
     PUNIX_LOCKED=1
     echo locked
   else
