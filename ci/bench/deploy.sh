@@ -327,10 +327,10 @@ round() { # CASE OFFSET TOOLS...
 # Where the time of one punix run goes, without slowing it down: a poller
 # stamps every line sshd appends to its log (every 2 ms), and the phases
 # are cut at the connection, the authentication, and the start and close
-# of each session punix opens on its one connection, in punix's order:
-# anchor (holds the master), probe, lock holder, state query, then for a
-# first deploy the rsync push and the commit. (strace -f slows punix's
-# thread pool several-fold, so it is not used for this.)
+# of each session punix opens on its one connection: the agent (the
+# master's first session: probe, lock and state query, commit), then for a
+# first deploy the rsync push. (strace -f slows punix's thread pool
+# several-fold, so it is not used for this.)
 cat >"$WORK/stamp.py" <<'EOF_PY'
 import sys, time
 path, out = sys.argv[1], sys.argv[2]
@@ -364,7 +364,7 @@ timeline() { # OUT -> runs punix once with the sshd log stamped; OUT gets "T0 T1
     STAMP_PID=""
     { echo "$t0 $t1"; cat "$out.log"; } >"$out"
 }
-phases() { # TIMELINE_FILE -> "tcp auth probe local lockstate push commit teardown total" ("-" where absent)
+phases() { # TIMELINE_FILE -> "tcp auth before-push push agent-rest teardown total" ("-" where absent)
     awk '
         NR == 1 { t0 = $1; t1 = $2; next }
         { t = $1 - t0 }
@@ -372,15 +372,18 @@ phases() { # TIMELINE_FILE -> "tcp auth probe local lockstate push commit teardo
         / Accepted publickey / && !auth { auth = t }
         / Starting session: / { k++; open[$NF] = k; st[k] = t }
         / Close session: / { en[open[$NF]] = t }
+        / Disconnected from user / && !disc { disc = t }
         END {
             total = t1 - t0
-            # 1 anchor, 2 probe, 3 lock holder, 4 state query, 5 push, 6 commit
-            if (k != 4 && k != 6) { printf "- - - - - - - - %.3f\n", total; exit }
-            last = (k == 6) ? en[6] : en[4]
-            printf "%.3f %.3f %.3f %.3f %.3f ", conn, auth - conn, en[2] - auth, st[3] - en[2], en[4] - st[3]
-            if (k == 6) printf "%.3f %.3f ", en[5] - en[4], en[6] - en[5]
-            else printf "- - "
-            printf "%.3f %.3f\n", total - last, total
+            # The agent session ends with the connection; when sshd logged
+            # no close of it, the disconnect stands for it.
+            if (!en[1]) en[1] = disc
+            # 1 the agent (from the login to the end), 2 the rsync push
+            if (k != 1 && k != 2) { printf "- - - - - - %.3f\n", total; exit }
+            printf "%.3f %.3f ", conn, auth - conn
+            if (k == 2) printf "%.3f %.3f %.3f ", st[2] - auth, en[2] - st[2], en[1] - en[2]
+            else printf "- - %.3f ", en[1] - auth
+            printf "%.3f %.3f\n", total - en[1], total
         }' "$1"
 }
 
@@ -631,24 +634,22 @@ report() {
     echo "One more first deploy (fresh target dirs) and one redeploy per N, not"
     echo "traced: a poller stamps each line the host's sshd logs (every 2 ms), and the"
     echo "phases are cut where punix's one connection is accepted and authenticated and"
-    echo "where each of its sessions starts and closes. punix opens them in this order:"
-    echo "an anchor that holds the control master, the probe, the lock holder, the state"
-    echo "query, and for a first deploy the rsync push and the commit (which runs the"
-    echo "journal that moves the pushed paths into the store). The last row goes through"
-    echo "the relay (+20 ms round-trip time). Seconds:"
+    echo "where each of its sessions starts and closes. punix has one session of its own,"
+    echo "the agent (a \`sh\` started with the login that runs the probe, the lock and"
+    echo "state query in one round trip, and the commit), plus the rsync push on a"
+    echo "first deploy. The last row goes through the relay (+20 ms round-trip time). Seconds:"
     echo
-    echo "| N | run | start → TCP connect | → logged in | → probe done (anchor, probe) | → lock session starts (local work) | lock + state query | push (rsync) | commit | → punix exits | total | commit per pushed path |"
-    echo "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    echo "| N | run | start → TCP connect | → logged in | → push starts (probe, local work, lock + state query) | push (rsync) | → agent session closes (after the push: the commit; unchanged: everything after the login) | → punix exits | total |"
+    echo "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     local p
     for n in $NS; do
         read -r -a p <<<"${PH_FIRST[$n]}"
-        printf '| %s | first | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$n" "${p[@]}" \
-            "$(awk -v c="${p[6]}" -v n="$n" 'BEGIN {if (c ~ /^[0-9.]+$/) printf "%.2f ms", c * 1000 / n; else print "-"}')"
+        printf '| %s | first | %s | %s | %s | %s | %s | %s | %s |\n' "$n" "${p[@]}"
         read -r -a p <<<"${PH_UNCH[$n]}"
-        printf '| %s | unchanged | %s | %s | %s | %s | %s | %s | %s | %s | %s | – |\n' "$n" "${p[@]}"
+        printf '| %s | unchanged | %s | %s | %s | %s | %s | %s | %s |\n' "$n" "${p[@]}"
     done
     read -r -a p <<<"$PH_RELAY"
-    printf '| %s | unchanged, +20 ms RTT | %s | %s | %s | %s | %s | %s | %s | %s | %s | – |\n' "$NREF" "${p[@]}"
+    printf '| %s | unchanged, +20 ms RTT | %s | %s | %s | %s | %s | %s | %s |\n' "$NREF" "${p[@]}"
     echo
     echo "For comparison, the median \`ssh host true\` and the local half of a deploy"
     echo "alone (a no-op \`punix build\` of the same recipes: loading and hashing):"

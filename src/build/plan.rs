@@ -61,6 +61,17 @@ fn source_hash(dir: &Path) -> Result<String, crate::store::content_hash::HashErr
     Ok(h)
 }
 
+/// Hash the source trees in `dirs` not hashed yet, many at once: a tree
+/// alone is small (a package's source), and hashing one after another
+/// leaves the thread pool waking up and idling for each. Failures are left
+/// for [`source_hash`] to report, in plan order.
+fn warm_source_hashes(dirs: Vec<&PathBuf>) {
+    use rayon::prelude::*;
+    dirs.par_iter().for_each(|d| {
+        let _ = source_hash(d);
+    });
+}
+
 /// Compute the derivations of `modules` (all packages when empty) and
 /// their dependencies for `system` under `store_root`.
 pub fn plan(
@@ -78,6 +89,13 @@ pub fn plan(
         modules.to_vec()
     };
     let order_modules = topo_order(recipes, &requested);
+    let mut dirs: Vec<&PathBuf> = order_modules
+        .iter()
+        .filter_map(|m| recipes.package(m).ok().and_then(|p| p.src.as_ref()))
+        .collect();
+    dirs.sort();
+    dirs.dedup();
+    warm_source_hashes(dirs);
     let mut src_hashes: HashMap<PathBuf, String> = HashMap::new();
     let mut by_module: BTreeMap<String, String> = BTreeMap::new();
     let mut plan = Plan {

@@ -315,6 +315,16 @@ pub fn commit(c: &Commit<'_>) -> String {
     let d = &c.layout.stack_dir;
     let gen_name = super::generation::Generation::file_name(c.number);
     let journal = d.join(format!(".journal-{:03}.sh", c.number));
+    // Flush the filesystems written to (`sync -f`: syncfs of each), not
+    // every filesystem of the host; a `sync` without `-f` flushes all.
+    let mut synced: Vec<&Path> = vec![&c.layout.store, d];
+    synced.extend(c.writes.iter().filter_map(|w| w.path.parent()));
+    synced.sort();
+    synced.dedup();
+    let sync = format!(
+        "sync -f {} 2>/dev/null || sync",
+        synced.iter().map(|p| q(p)).collect::<Vec<_>>().join(" ")
+    );
     let mut s = String::new();
     s.push_str("set -e\n");
     // A failure before the journal exists leaves nothing behind: no
@@ -390,9 +400,10 @@ pub fn commit(c: &Commit<'_>) -> String {
     let cur_tmp = q(&d.join(".current.punix-tmp"));
     let _ = writeln!(
         j,
-        "rm -f {cur_tmp}\nln -s {g} {cur_tmp}\nmv -f {cur_tmp} {cur}\nsync",
+        "rm -f {cur_tmp}\nln -s {g} {cur_tmp}\nmv -f {cur_tmp} {cur}\n{sync}",
         g = quote(&gen_name),
-        cur = q(&d.join("current"))
+        cur = q(&d.join("current")),
+        sync = sync
     );
     for n in &c.trim {
         let _ = writeln!(
@@ -420,7 +431,8 @@ pub fn commit(c: &Commit<'_>) -> String {
             q(&journal.with_extension("sh.pause-request"))
         );
     }
-    s.push_str("sync\n");
+    s.push_str(&sync);
+    s.push('\n');
     // Run it detached: a dropped connection or a killed punix cannot stop
     // it half-way. Then wait for it.
     let jq = q(&journal);

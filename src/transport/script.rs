@@ -57,21 +57,39 @@ const B64_EOF: &str = "PUNIX_B64_EOF";
 
 /// A fragment that writes `bytes` to `tmp` with `mode` set before any
 /// content is written (so a secret is never readable by others, not even
-/// for an instant). It does not sync or rename.
+/// for an instant): the file is created 0600 and widened to `mode` once
+/// complete. It does not sync or rename. Text travels as one quoted word
+/// written by the shell's own `printf`; other bytes as base64 (`base64
+/// -d`). A file or symlink already at `tmp` is removed first, never
+/// written through.
 pub fn write_staged(tmp: &Path, bytes: &[u8], mode: u32) -> String {
-    let b64 = base64::engine::general_purpose::STANDARD.encode(bytes);
     let mut s = String::new();
     let t = quote_path(tmp);
-    s.push_str(&format!("rm -f {t}\n"));
-    s.push_str(&format!("(umask 077 && : > {t})\n"));
-    s.push_str(&format!("chmod {mode:o} {t}\n"));
-    s.push_str(&format!("base64 -d > {t} <<'{B64_EOF}'\n"));
-    for chunk in b64.as_bytes().chunks(76) {
-        s.push_str(std::str::from_utf8(chunk).unwrap_or_default());
-        s.push('\n');
+    s.push_str(&format!(
+        "if [ -e {t} ] || [ -L {t} ]; then rm -f {t}; fi
+"
+    ));
+    match std::str::from_utf8(bytes) {
+        Ok(text) if !text.contains('\0') => {
+            s.push_str(&format!(
+                "(umask 077 && printf '%s' {} > {t})\n",
+                quote(text)
+            ));
+        }
+        _ => {
+            let b64 = base64::engine::general_purpose::STANDARD.encode(bytes);
+            s.push_str(&format!("(umask 077 && base64 -d > {t}) <<'{B64_EOF}'\n"));
+            for chunk in b64.as_bytes().chunks(76) {
+                s.push_str(std::str::from_utf8(chunk).unwrap_or_default());
+                s.push('\n');
+            }
+            s.push_str(B64_EOF);
+            s.push('\n');
+        }
     }
-    s.push_str(B64_EOF);
-    s.push('\n');
+    if mode != 0o600 {
+        s.push_str(&format!("chmod {mode:o} {t}\n"));
+    }
     s
 }
 
@@ -129,5 +147,21 @@ mod tests {
         assert_eq!(std::fs::read(&f).expect("read"), bytes);
         let mode = std::fs::metadata(&f).expect("stat").permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
+        // Text (the shell's printf), over an existing file and through no
+        // planted symlink, with a wider mode set once it is complete.
+        let text = "it's \"text\" with $HOME, `x`, \\n, %s and a newline\n\n";
+        let victim = t.path().join("victim");
+        std::fs::write(&victim, "keep").expect("write");
+        let g = t.path().join("g");
+        std::os::unix::fs::symlink(&victim, &g).expect("symlink");
+        sh(&write_staged(&g, text.as_bytes(), 0o644));
+        assert_eq!(std::fs::read_to_string(&g).expect("read"), text);
+        assert_eq!(std::fs::read_to_string(&victim).expect("read"), "keep");
+        let mode = std::fs::metadata(&g).expect("stat").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o644);
+        sh(&write_staged(&g, b"", 0o700));
+        assert_eq!(std::fs::read(&g).expect("read"), b"");
+        let mode = std::fs::metadata(&g).expect("stat").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
     }
 }

@@ -11,12 +11,18 @@
 //!   with [`SshOptions::known_hosts`] only that file is consulted. An
 //!   unknown or changed key fails with `Host key verification failed` and
 //!   the `ssh-keyscan` line that fixes it.
-//! - The master lives as long as this process holds it: an anchor session
-//!   (`cat` reading the channel) keeps it busy, and `ControlPersist` lets an
-//!   idle master exit [`CONTROL_PERSIST_SECS`] seconds after its last
-//!   session closed, so a killed punix leaves no master behind for long.
-//! - A script is `sh -s` with its text on standard input (never on a
-//!   command line), bounded by its timeout; on a timeout its whole process
+//! - The master's own first session runs the agent (see
+//!   [`super::agent`]): a `sh` that starts with the login and runs the
+//!   scripts one after another, one network round trip each, and can hold
+//!   the target lock itself. Steps that find it busy (parallel callers) get
+//!   a session of their own on the master.
+//! - The master lives as long as this process holds it: the agent's
+//!   session keeps it busy, and `ControlPersist` lets an idle master exit
+//!   [`CONTROL_PERSIST_SECS`] seconds after its last session closed, so a
+//!   killed punix leaves no master behind for long.
+//! - A script is a single-quoted word the agent `eval`s in a subshell, or
+//!   `sh -s` with its text on standard input (never on a command line);
+//!   either way bounded by its timeout; on a timeout its whole process
 //!   group on the target is killed in one more round trip.
 
 use std::fmt;
