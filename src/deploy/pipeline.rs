@@ -1708,8 +1708,19 @@ pub fn deploy_fleet(
     // already, gives the closure of targets of this machine's system.
     let host = System::host();
     let (probed, speculated) = std::thread::scope(|scope| {
-        let speculation = scope
-            .spawn(|| closure_if_built(&prepared.recipes, &prepared.stack, &prepared.store, &host));
+        let speculation = scope.spawn(|| {
+            // One core fewer than the machine has: the SSH handshakes
+            // running meanwhile (and, on a small machine, the rest of
+            // the host) need one.
+            let threads = std::thread::available_parallelism()
+                .map_or(1, |n| n.get().saturating_sub(1).max(1));
+            let work =
+                || closure_if_built(&prepared.recipes, &prepared.stack, &prepared.store, &host);
+            match rayon::ThreadPoolBuilder::new().num_threads(threads).build() {
+                Ok(pool) => pool.install(work),
+                Err(_) => work(),
+            }
+        });
         let probed = probe_all(targets, connect, opts, parallel, fail_fast, &stop, fleet);
         (probed, speculation.join().ok().flatten())
     });
