@@ -465,22 +465,30 @@ pub fn activate(
             u = quote(u)
         );
     }
+    // systemd keeps counting automatic restarts across a manual restart,
+    // and a unit still crash-looping (the generation rolled back from)
+    // may be restarted by systemd once more while the manual restart is
+    // queued: the count is read when the restart has happened, so only
+    // restarts after it count. Units not restarted are counted up front.
+    let before = |u: &str| {
+        format!(
+            "printf 'before %s %s\\n' {u} \"$(systemctl show -p NRestarts --value {u} 2>/dev/null)\"",
+            u = quote(u)
+        )
+    };
     for u in restart {
         let _ = writeln!(
             inner,
-            "systemctl enable {u} >/dev/null 2>&1 || true\nsystemctl restart {u} || echo \"restart-failed {u}\"",
-            u = quote(u)
+            "systemctl enable {q} >/dev/null 2>&1 || true\nsystemctl restart {q} || echo \"restart-failed {q}\"",
+            q = quote(u)
         );
+        if check.contains(u) {
+            let _ = writeln!(inner, "{}", before(u));
+        }
     }
     let _ = writeln!(s, "ST={}\nrm -f \"$ST\"", q(&status));
-    // systemd keeps counting automatic restarts across a manual restart:
-    // note the counts before, so only restarts after it count.
-    for u in check {
-        let _ = writeln!(
-            s,
-            "printf 'before %s %s\\n' {u} \"$(systemctl show -p NRestarts --value {u} 2>/dev/null)\"",
-            u = quote(u)
-        );
+    for u in check.iter().filter(|u| !restart.contains(u)) {
+        let _ = writeln!(s, "{}", before(u));
     }
     s.push_str("set +e\n");
     let _ = writeln!(
