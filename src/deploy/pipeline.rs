@@ -296,7 +296,7 @@ fn realise_closure(
         return closure_of(store, &plan, 0);
     }
     let mut built = 0;
-    if !need.is_empty() && !opts.dry_run {
+    if !opts.dry_run {
         // This machine when it can, else the build farm; a closure is
         // never built for one system and pushed to another.
         let report = crate::farm::route::realise_routed(

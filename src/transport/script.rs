@@ -136,6 +136,27 @@ mod tests {
     }
 
     #[test]
+    fn words_come_back_one_each() {
+        let names = [
+            "0a1b-plain-1.0",
+            "with space",
+            "it's",
+            "$(touch /tmp/punix-pwned)",
+            "new\nline",
+            "*",
+            "-n",
+            "",
+        ];
+        let out = sh(&format!(
+            "for n in {}; do printf '[%s]' \"$n\"; done",
+            words(names.iter().copied())
+        ));
+        let want: String = names.iter().map(|n| format!("[{n}]")).collect();
+        assert_eq!(out, want);
+        assert_eq!(words(["a.b+c", "x=y"]), "a.b+c x=y");
+    }
+
+    #[test]
     fn staged_writes_carry_any_bytes_with_the_mode() {
         use std::os::unix::fs::PermissionsExt;
         let t = tempfile::tempdir().expect("tempdir");
