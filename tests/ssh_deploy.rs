@@ -355,6 +355,27 @@ fn an_unwritable_store_root_is_reported_before_pushing() {
     args.extend(c.target_args());
     args.push("--deployments-root".into());
     args.push(c.remote().join("deployments").display().to_string());
+    // A dry run finds it too, and creates nothing.
+    let dry = c
+        .cmd()
+        .env("PUNIX_STORE_DIR", &store)
+        .args(&args)
+        .arg("--dry-run")
+        .output()
+        .unwrap();
+    let err = fails(&dry, 1);
+    assert!(
+        err.contains("cannot write") && err.contains(store.to_str().unwrap()),
+        "{err}"
+    );
+    let made = c.ssh(
+        "tbdeploy",
+        &format!(
+            "[ -e {d} ] && echo made || echo none",
+            d = c.remote().join("deployments").display()
+        ),
+    );
+    assert_eq!(String::from_utf8_lossy(&made.stdout).trim(), "none");
     let out = c
         .cmd()
         .env("PUNIX_STORE_DIR", &store)

@@ -464,9 +464,7 @@ fn deploy_realised(
     if !stack.services.is_empty() {
         create.push(t.rebase(&opts.unit_dir));
     }
-    if opts.dry_run {
-        create.clear();
-    }
+    // (A dry run only checks that they could be created and written.)
     let script = remote::state(&lay, closure, &watched(t, &paths), &create, !opts.dry_run);
     // Under the stack's lock (one round trip for both where the transport
     // can), except for a dry run, which changes nothing.

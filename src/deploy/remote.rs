@@ -96,7 +96,11 @@ pub struct Watched {
     pub parents: Vec<PathBuf>,
 }
 
-/// The state query.
+/// The state query. With `roll_forward` (the caller holds the stack's
+/// lock and may change the target) an interrupted commit is completed and
+/// `dirs_to_create` are created; without it nothing changes, and each of
+/// `dirs_to_create` is only checked: it, or the nearest existing ancestor
+/// it would be created in, must be a writable directory.
 pub fn state(
     layout: &Layout,
     names: &[String],
@@ -126,11 +130,21 @@ done
         );
     }
     for dir in dirs_to_create {
-        let _ = writeln!(
-            s,
-            "[ -d {p} ] || mkdir -p {p} 2>/dev/null; if [ -d {p} ] && [ -w {p} ]; then :; else printf 'unwritable %s\\n' {p}; fi",
-            p = q(dir)
-        );
+        if roll_forward {
+            let _ = writeln!(
+                s,
+                "[ -d {p} ] || mkdir -p {p} 2>/dev/null; if [ -d {p} ] && [ -w {p} ]; then :; else printf 'unwritable %s\\n' {p}; fi",
+                p = q(dir)
+            );
+        } else {
+            // Changing nothing: the directory, or the nearest existing
+            // ancestor it would be created in, must be writable.
+            let _ = writeln!(
+                s,
+                "d={p}; while [ ! -e \"$d\" ] && [ \"$d\" != / ]; do d=${{d%/*}}; [ -n \"$d\" ] || d=/; done; if [ -d \"$d\" ] && [ -w \"$d\" ]; then :; else printf 'unwritable %s\\n' {p}; fi",
+                p = q(dir)
+            );
+        }
     }
     s.push_str(
         r#"for g in "$D"/gen-*.json; do [ -e "$g" ] && printf 'gen %s\n' "${g##*/}"; done
