@@ -728,6 +728,9 @@ fn lock_freed_when_holder_killed(f: &Fixture) {
         "{:?}",
         start.elapsed()
     );
+    // Scripts still run (over a session of their own when the holder was
+    // this transport's agent).
+    assert_eq!(f.ok("echo alive"), "alive\n");
     drop(g);
     // Dropping the dead holder's guard does not free the new holder's lock.
     match f.t.lock(&path, Duration::ZERO) {
