@@ -282,6 +282,17 @@ fn builds_for_aarch64_on_the_arm64_builder() {
     for (_, machine) in v["built_on"].as_object().expect("built_on") {
         assert_eq!(machine, "arm1", "{v}");
     }
+    // One connection to the builder that built, a few round trips each
+    // build (probe, prepare, build, pull, clean up), never one per file.
+    let traffic = v["builders"].as_array().expect("builders");
+    assert_eq!(traffic.len(), 1, "only arm1 was reachable: {v}");
+    assert_eq!(traffic[0]["builder"], "arm1", "{v}");
+    assert_eq!(traffic[0]["connections"], 1, "{v}");
+    let rt = traffic[0]["round_trips"].as_u64().expect("round trips");
+    assert!(
+        (4..=2 + 2 * 6).contains(&rt),
+        "{rt} round trips for 2 builds: {v}"
+    );
     let store = f.store();
     let machine = PathBuf::from(v["packages"]["Machine"].as_str().expect("path"));
     let busybox = PathBuf::from(v["packages"]["Busybox"].as_str().expect("path"));

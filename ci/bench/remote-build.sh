@@ -18,11 +18,12 @@
 # log) and sessions ("Starting session:" lines), and for punix its CPU time
 # and peak RSS (`/usr/bin/time`: punix and its children / punix or its
 # largest child).
-# Then two more builds, not timed: one under `strace -f -e
+# Then three more builds, not timed: one under `strace -f -e
 # trace=execve,connect` (which processes punix starts, and every connection
-# to its control socket: punix's own sessions, rsync's `ssh -S`, the
-# master's stop request), and one with h1's sshd log stamped every 2 ms
-# (when each session starts and closes).
+# to its control socket: rsync's `ssh -S`, the master's stop request), one
+# with `--json` (punix's own count of round trips to the builder), and one
+# with h1's sshd log stamped every 2 ms (when each session starts and
+# closes).
 # The store root is /tmp/punix-rbuild-XXXXXX/store on both sides (the host's
 # /tmp is its own).
 #
@@ -220,6 +221,14 @@ ST_SSH=$(grep -c 'execve("[^"]*/ssh", .* = 0$' "$WORK/strace.txt" || true)
 ST_TCP=$(grep -c 'connect(.*AF_INET' "$WORK/strace.txt" || true)
 log "strace: control-socket connections $ST_CTL, rsync runs $ST_RSYNC, ssh processes $ST_SSH, TCP connects $ST_TCP; order $SEQ"
 
+# punix's own count of round trips to the builder (scripts and lock
+# requests waited for, rsync runs), from one more build with --json.
+delete_output
+"${BUILD[@]}" --json >"$WORK/build.json" 2>"$WORK/build.err" || die "the --json build failed: $(cat "$WORK/build.err")"
+RT_JSON=$("$PYTHON" -c 'import json, sys; b = json.load(open(sys.argv[1]))["builders"]; print(b[0]["round_trips"] if len(b) == 1 else "")' "$WORK/build.json")
+[[ $RT_JSON =~ ^[0-9]+$ ]] || die "no round-trip count in $(cat "$WORK/build.json")"
+log "punix --json: $RT_JSON round trips to h1"
+
 # When each session starts and closes, from one more build with h1's sshd
 # log stamped every 2 ms (not timed with the others).
 cat >"$WORK/stamp.py" <<'EOF_PY'
@@ -276,19 +285,16 @@ B=$(med build) S=$(med ssh)
 OVER=$(awk -v a="$B" -v b="$S" 'BEGIN {printf "%.3f s (%.2f×)", a - b, a / b}')
 SESS_MAX=$(echo "${SESS[build]}" | maxof)
 SESS_MIN=$(echo "${SESS[build]}" | tr ' ' '\n' | grep . | sort -n | head -n1)
-# Sessions beyond the transfers: all sessions but the rsync runs; with and
-# without the anchor session (which only keeps the master open, but whose
-# opening punix waits for).
-BEYOND=$((SESS_MAX - ST_RSYNC))
-BEYOND_NA=$((BEYOND - 1))
+# Round trips beyond the transfers: punix's count less the rsync runs.
+BEYOND=$((RT_JSON - ST_RSYNC))
 t_ok=$([ "$BEYOND" -le 6 ] && echo 1 || echo 0)
-# Names of the sessions, when the build took the expected shape: anchor,
-# probe (2), prepare, build, pull (rsync), cleanup; punix's own control-socket
-# connections are M, rsync's start R, the last M the master's stop request.
+# Names of the sessions, when the build took the expected shape: the agent
+# (the master's first session, which runs every script), then one session
+# per rsync run.
 NAMES=()
-if [ "$SEQ" = MMMMMRMMM ] && [ "$SESS_MAX" -eq 7 ] && [ "$SESS_MIN" -eq 7 ]; then
-    NAMES=("anchor (\`exec cat\`, holds the master)" "probe: latency" "probe: system, tools, store root, load"
-        "prepare" "build (+ hash of the output)" "pull (rsync)" "cleanup")
+if [ "$SESS_MAX" -eq $((1 + ST_RSYNC)) ] && [ "$SESS_MIN" -eq "$SESS_MAX" ]; then
+    NAMES=("the agent (the master's first session: every script)")
+    for ((i = 0; i < ST_RSYNC; i++)); do NAMES+=("rsync (a transfer)"); done
 fi
 
 report() {
@@ -335,8 +341,10 @@ report() {
     echo "  (by the one ssh master; $ST_SSH ssh processes: the master and rsync's), $ST_CTL connections to the master's control socket, and"
     echo "  $ST_RSYNC rsync run(s) (the transfers; rsync's \`ssh -S\` is one of those $ST_CTL"
     echo "  connections). In order (M: a control-socket connection, R: rsync starts):"
-    echo "  \`$SEQ\`; the last M is the master's stop request when punix exits, which opens"
-    echo "  no session (so $((ST_CTL - 1)) sessions, as in sshd's log)."
+    echo "  \`$SEQ\`. (The ssh that starts the master keeps its first session, the agent, as a"
+    echo "  client of it, and the last M is the master's stop request when punix exits.)"
+    echo "- punix's own count (\`builders[].round_trips\` of \`--json\`, one more build): $RT_JSON"
+    echo "  round trips to h1: every script the agent ran and every rsync run, each waited for."
     echo
     if ((${#NAMES[@]})); then
         echo "The sessions, from one more build with h1's sshd log stamped every 2 ms"
@@ -349,16 +357,13 @@ report() {
             BEGIN { n = split(names, nm, "\n") }
             $1 == "session" { i++; printf "| %d | %s | %s | %s | %.0f |\n", i, nm[i], $2, $3, ($3 - $2) * 1000 }' "$WORK/phases"
         echo
-        echo "(The anchor stays open for the whole run, so its \"lasts\" is the run.)"
+        echo "(The agent's session lasts the whole run.)"
         echo
     fi
-    echo "Target: at most 6 round trips beyond the transfers: **$(verdict "$t_ok")**. Each"
-    echo "session is one round trip at least (punix waits for it to open and, but for the"
-    echo "anchor, for it to finish); beyond the $ST_RSYNC transfer(s) there are $BEYOND sessions"
-    echo "($BEYOND_NA without the anchor, whose opening punix waits for before anything else)."
-    echo "These include the builder probe's 2, made once per run and builder. The"
-    echo "connection itself (TCP, key exchange, authentication) is the part \`ssh host"
-    echo "true\` also pays."
+    echo "Target: at most 6 round trips beyond the transfers: **$(verdict "$t_ok")**."
+    echo "Beyond the $ST_RSYNC transfer(s) punix waited for $BEYOND round trip(s), the builder"
+    echo "probe's 2 (made once per run and builder) among them. The connection itself"
+    echo "(TCP, key exchange, authentication) is the part \`ssh host true\` also pays."
     echo
     echo "What \`--explain\` printed (warm-up build):"
     echo

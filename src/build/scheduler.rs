@@ -63,7 +63,18 @@ pub struct Report {
     /// Where each entry this run built was built, and why not elsewhere
     /// (empty for a plain local run).
     pub placements: Vec<Placement>,
+    /// The SSH connections and round trips to each builder this run used.
+    pub builders: Vec<BuilderTraffic>,
     pub seconds: f64,
+}
+
+/// What a run said to one builder.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct BuilderTraffic {
+    pub builder: String,
+    pub connections: u64,
+    /// Remote steps waited for (scripts, lock requests, rsync runs).
+    pub round_trips: u64,
 }
 
 /// What runs one build: this machine ([`LocalRunner`]), or the build

@@ -255,6 +255,7 @@ pub fn run(cx: &Context, args: BuildArgs) -> Result<(), Error> {
             "packages": roots,
             "built_on": built_on,
             "placements": report.placements,
+            "builders": report.builders,
             "seconds": report.seconds,
         }));
     } else {

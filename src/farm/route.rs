@@ -132,6 +132,7 @@ pub fn realise_routed(
     }
     let router = Router::new(store, plan, options, builders, observer);
     let mut report = scheduler::realise_with(store, plan, &options.build, observer, &router)?;
+    report.builders = router.traffic();
     let mut placements = router
         .placements
         .into_inner()
@@ -407,6 +408,27 @@ impl Drop for LocalSlot<'_> {
 }
 
 impl<'a> Router<'a> {
+    /// The connections and round trips to each builder connected so far.
+    fn traffic(&self) -> Vec<scheduler::BuilderTraffic> {
+        let probed = self.probed.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out: Vec<scheduler::BuilderTraffic> = probed
+            .iter()
+            .filter_map(|(i, cell)| match cell.get() {
+                Some(Probed::Ready { transport, .. }) => {
+                    let c = transport.counters();
+                    Some(scheduler::BuilderTraffic {
+                        builder: self.builders.get(*i).map(|b| b.name.clone())?,
+                        connections: c.connections,
+                        round_trips: c.round_trips,
+                    })
+                }
+                _ => None,
+            })
+            .collect();
+        out.sort_by(|a, b| a.builder.cmp(&b.builder));
+        out
+    }
+
     fn new(
         store: &'a Store,
         plan: &Plan,
