@@ -356,11 +356,11 @@ pub fn commit(c: &Commit<'_>) -> String {
     }
     cleanup.push_str("  :\n}\ntrap 'cleanup' EXIT\n");
     s.push_str(&cleanup);
-    let _ = writeln!(s, "mkdir -p {}", q(d));
+    let _ = writeln!(s, "[ -d {p} ] || mkdir -p {p}", p = q(d));
     // Stage.
     for w in &c.writes {
         if let Some(parent) = w.path.parent() {
-            let _ = writeln!(s, "mkdir -p {}", q(parent));
+            let _ = writeln!(s, "[ -d {p} ] || mkdir -p {p}", p = q(parent));
         }
         s.push_str(&write_staged(
             &staged_name(&w.path, c.number),
@@ -414,28 +414,32 @@ pub fn commit(c: &Commit<'_>) -> String {
     let cur_tmp = q(&d.join(".current.punix-tmp"));
     let _ = writeln!(
         j,
-        "rm -f {cur_tmp}\nln -s {g} {cur_tmp}\nmv -f {cur_tmp} {cur}\n{sync}",
+        "if [ -e {cur_tmp} ] || [ -L {cur_tmp} ]; then rm -f {cur_tmp}; fi\nln -s {g} {cur_tmp}\nmv -f {cur_tmp} {cur}\n{sync}",
         g = quote(&gen_name),
         cur = q(&d.join("current")),
         sync = sync
     );
-    for n in &c.trim {
-        let _ = writeln!(
-            j,
-            "rm -f {}",
-            q(&d.join(super::generation::Generation::file_name(*n)))
-        );
+    if !c.trim.is_empty() {
+        let trimmed: Vec<String> = c
+            .trim
+            .iter()
+            .map(|n| q(&d.join(super::generation::Generation::file_name(*n))))
+            .collect();
+        let _ = writeln!(j, "rm -f {}", trimmed.join(" "));
     }
     if let Some((dir, _)) = &c.pushed {
         let _ = writeln!(
             j,
-            "chmod -R u+w {p} 2>/dev/null || true\nrm -rf {p}",
+            "rmdir {p} 2>/dev/null || {{ chmod -R u+w {p} 2>/dev/null || true; rm -rf {p}; }}",
             p = q(dir)
         );
     }
-    j.push_str("rm -f \"$0.paused\" \"$0\"\n");
+    // Last: the journal itself, and its log (which is kept, with the
+    // journal renamed `.failed`, when it fails before this line).
+    j.push_str("rm -f \"$0.paused\" \"$0\" \"$0.log\"\n");
 
-    s.push_str(&write_staged(&journal, j.as_bytes(), 0o700));
+    // Run as `sh JOURNAL`: it needs no execute bit.
+    s.push_str(&write_staged(&journal, j.as_bytes(), 0o600));
     // From here on the journal owns the temporaries.
     s.push_str("trap - EXIT\n");
     if c.pause_before_flip {
@@ -452,7 +456,7 @@ pub fn commit(c: &Commit<'_>) -> String {
     let jq = q(&journal);
     let _ = writeln!(
         s,
-        "J={jq}\nset +e\nif command -v setsid >/dev/null 2>&1; then\n  setsid sh -c 'sh \"$1\" >\"$1.log\" 2>&1 || mv -f \"$1\" \"$1.failed\"' punix-journal \"$J\" </dev/null >/dev/null 2>&1 &\nelse\n  (trap '' HUP; sh \"$J\" >\"$J.log\" 2>&1 || mv -f \"$J\" \"$J.failed\") </dev/null >/dev/null 2>&1 &\nfi\nwait $! 2>/dev/null\ni=0\nwhile [ -e \"$J\" ]; do\n  i=$((i+1)); [ \"$i\" -le {} ] || {{ echo 'the commit journal is still running' >&2; exit 75; }}\n  sleep 0.05\ndone\nif [ -e \"$J.failed\" ]; then cat \"$J.log\" >&2; echo \"(the journal is kept as $J.failed)\" >&2; exit 1; fi\nrm -f \"$J.log\"\necho committed",
+        "J={jq}\nset +e\nif command -v setsid >/dev/null 2>&1; then\n  setsid sh -c 'sh \"$1\" >\"$1.log\" 2>&1 || mv -f \"$1\" \"$1.failed\"' punix-journal \"$J\" </dev/null >/dev/null 2>&1 &\nelse\n  (trap '' HUP; sh \"$J\" >\"$J.log\" 2>&1 || mv -f \"$J\" \"$J.failed\") </dev/null >/dev/null 2>&1 &\nfi\nwait $! 2>/dev/null\ni=0\nwhile [ -e \"$J\" ]; do\n  i=$((i+1)); [ \"$i\" -le {} ] || {{ echo 'the commit journal is still running' >&2; exit 75; }}\n  sleep 0.05\ndone\nif [ -e \"$J.failed\" ]; then cat \"$J.log\" >&2; echo \"(the journal is kept as $J.failed)\" >&2; exit 1; fi\necho committed",
         c.wait_secs * 20
     );
     s
