@@ -148,6 +148,9 @@ pub(crate) const SKIPPED: i32 = 254;
 /// The text that lets the lock go; it answers nothing.
 pub(crate) const UNLOCK: &str = "exec 9>&-; PUNIX_LOCKED=\n";
 
+/// The most standard error one script may leave (64 MiB).
+const MAX_STDERR: u64 = 64 << 20;
+
 /// One agent: the write end of its input and the read end of its output.
 pub(crate) struct Agent {
     input: Option<Box<dyn AsyncWrite + Unpin + Send>>,
@@ -248,6 +251,13 @@ impl Agent {
         // The newline the frame put before the marker.
         if out.last() == Some(&b'\n') {
             out.pop();
+        }
+        // Standard error is kept in memory: a length beyond any script's
+        // is a broken stream, not an allocation to make.
+        if n > MAX_STDERR {
+            return Err(AgentError::Garbled(format!(
+                "a standard error of {n} bytes announced"
+            )));
         }
         let mut err = vec![0u8; usize::try_from(n).unwrap_or(0)];
         self.output
@@ -422,6 +432,17 @@ mod tests {
                 .map(|d| d.join(program))
                 .find(|f| f.exists())
         })
+    }
+
+    #[test]
+    fn an_absurd_stderr_length_is_a_broken_stream() {
+        rt().block_on(async {
+            let (mut a, _c) = local_agent("/bin/sh").await.expect("agent");
+            let o = a
+                .run("printf '\\n%s 0 99999999999\\n' \"$PUNIX_M\"")
+                .await;
+            assert!(matches!(o, Err(AgentError::Garbled(_))), "{o:?}");
+        });
     }
 
     #[test]
