@@ -438,9 +438,7 @@ mod tests {
     fn an_absurd_stderr_length_is_a_broken_stream() {
         rt().block_on(async {
             let (mut a, _c) = local_agent("/bin/sh").await.expect("agent");
-            let o = a
-                .run("printf '\\n%s 0 99999999999\\n' \"$PUNIX_M\"")
-                .await;
+            let o = a.run("printf '\\n%s 0 99999999999\\n' \"$PUNIX_M\"").await;
             assert!(matches!(o, Err(AgentError::Garbled(_))), "{o:?}");
         });
     }
