@@ -147,13 +147,17 @@ impl Fixture {
         out.stdout
     }
 
+    /// Another connection to the same target (SSH kinds only).
+    fn other(&self) -> Option<SshTransport> {
+        self.ssh.as_ref().map(|(tb, host)| connect(tb, host))
+    }
+
     /// [`ok`](Self::ok) over another connection to the same target (the
     /// same transport for the local kinds).
     fn other_ok(&self, script: &str) -> String {
-        let Some((tb, host)) = &self.ssh else {
+        let Some(t) = self.other() else {
             return self.ok(script);
         };
-        let t = connect(tb, host);
         let out = t
             .run_script(script, T)
             .unwrap_or_else(|e| panic!("{}: {e}\nscript:\n{script}", t.name()));
@@ -613,7 +617,7 @@ fn lock_and_run_runs_only_under_the_lock(f: &Fixture) {
         d = f.q(&f.dir)
     );
     // Held elsewhere (another connection): the script does not run.
-    let other = f.ssh.as_ref().map(|(tb, host)| connect(tb, host));
+    let other = f.other();
     let holder: &dyn Transport = match &other {
         Some(t) => t,
         None => f.t.as_ref(),

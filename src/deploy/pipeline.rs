@@ -22,7 +22,7 @@ use crate::recipe::stack::{EnvValue, SecretRef, Stack};
 use crate::recipe::{self, Recipes};
 use crate::store::Store;
 use crate::store::content_hash::sha256_hex;
-use crate::transport::{Counters, Transport, TransportError};
+use crate::transport::{Counters, Transport};
 
 /// What a deploy is asked to do.
 #[derive(Debug, Clone)]
@@ -479,16 +479,7 @@ fn deploy_realised(
         )?;
         (Some(guard), out)
     };
-    if out.status != 0 {
-        return Err(TransportError::Remote {
-            target: t.name(),
-            what: "state query".into(),
-            status: out.status,
-            stderr: out.stderr,
-            hint: None,
-        }
-        .into());
-    }
+    let out = t.checked("state query", out)?;
     let st = State::parse(&out.stdout, paths.len());
     report.rolled_forward = st.rolled_forward.clone();
     report.journals_failed = st.journal_failed.clone();

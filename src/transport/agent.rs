@@ -106,14 +106,11 @@ punix_frame 0
 /// subshell, so whatever it holds (a syntax error, an unclosed quote, an
 /// `exit`) stays inside that subshell.
 pub(crate) fn frame(script: &str) -> String {
-    let mut s = String::with_capacity(script.len() + 100);
-    s.push_str("PUNIX_S=");
-    s.push_str(&super::quote(script));
-    s.push_str(
-        "\n( eval \"$PUNIX_S\" ) </dev/null 9>&- 2>\"$PUNIX_E\"; punix_frame $?; PUNIX_S=\n",
-    );
-    s
+    format!("PUNIX_S={}\n{RUN_FRAMED}; PUNIX_S=\n", super::quote(script))
 }
+
+/// Runs the script in `$PUNIX_S` and frames its answer.
+const RUN_FRAMED: &str = "( eval \"$PUNIX_S\" ) </dev/null 9>&- 2>\"$PUNIX_E\"; punix_frame $?";
 
 /// The text that takes the lock at `lock` in the agent itself. Its answer
 /// is `locked`, `busy HOLDER`, or `fallback` (no `flock` there, or the lock
@@ -135,11 +132,10 @@ pub(crate) fn lock_command(lock: &Path, wait: Duration) -> String {
 /// lock; else its answer is status [`SKIPPED`] and nothing ran. Sent right
 /// behind [`lock_command`], the lock and the script cost one round trip.
 pub(crate) fn frame_if_locked(script: &str) -> String {
-    let mut s = String::with_capacity(script.len() + 160);
-    s.push_str("PUNIX_S=");
-    s.push_str(&super::quote(script));
-    s.push_str("\nif [ -n \"$PUNIX_LOCKED\" ]; then ( eval \"$PUNIX_S\" ) </dev/null 9>&- 2>\"$PUNIX_E\"; punix_frame $?; else punix_frame 254; fi; PUNIX_S=\n");
-    s
+    format!(
+        "PUNIX_S={}\nif [ -n \"$PUNIX_LOCKED\" ]; then {RUN_FRAMED}; else punix_frame {SKIPPED}; fi; PUNIX_S=\n",
+        super::quote(script)
+    )
 }
 
 /// The status of a [`frame_if_locked`] that did not run.

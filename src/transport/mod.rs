@@ -199,6 +199,12 @@ pub trait Transport: Send + Sync {
         timeout: Duration,
     ) -> Result<Output, TransportError> {
         let out = self.run_script(script, timeout)?;
+        self.checked(what, out)
+    }
+
+    /// `out` of the step `what` when it exited 0, else
+    /// [`TransportError::Remote`] with its standard error.
+    fn checked(&self, what: &str, out: Output) -> Result<Output, TransportError> {
         if out.status != 0 {
             return Err(TransportError::Remote {
                 target: self.name(),

@@ -334,7 +334,7 @@ struct Inner {
     connections: AtomicU64,
     round_trips: AtomicU64,
     /// Holds the generated ssh_config, the control socket and the log.
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl fmt::Debug for SshTransport {
@@ -552,7 +552,7 @@ impl SshTransport {
                 },
                 connections: AtomicU64::new(1),
                 round_trips: AtomicU64::new(round_trips),
-                _dir: dir,
+                dir,
             }),
         })
     }
@@ -931,20 +931,7 @@ impl Inner {
             }
             let pid = agent.pid;
             let answer = timeout_at(deadline, agent.run(script)).await;
-            return match answer {
-                Ok(Ok(out)) => Ok(out),
-                Ok(Err(e)) => {
-                    *slot = None;
-                    Err(self.agent_gone(e).await)
-                }
-                Err(_) => {
-                    *slot = None;
-                    if let Some(pid) = pid {
-                        self.kill_group(pid).await;
-                    }
-                    Err(timed_out())
-                }
-            };
+            return self.settle(&mut slot, pid, answer, timed_out).await;
         }
         self.run_session(script, deadline, timed_out).await
     }
@@ -970,66 +957,46 @@ impl Inner {
             return Ok(AgentLock::NotHere);
         }
         let pid = agent.pid;
+        let mut text = agent::lock_command(lock_path, wait);
+        if let Some(script) = then {
+            text.push_str(&agent::frame_if_locked(script));
+        }
         let asked = async {
-            let mut text = agent::lock_command(lock_path, wait);
-            if let Some(script) = then {
-                text.push_str(&agent::frame_if_locked(script));
-            }
             agent.send(&text).await?;
             let reply = agent.read_frame().await?;
-            let reply = parse_lock_reply(reply.stdout.lines().next().unwrap_or(""));
-            Ok((reply, agent))
+            Ok(parse_lock_reply(reply.stdout.lines().next().unwrap_or("")))
         };
-        let (reply, agent) = match timeout(limit, asked).await {
-            Ok(Ok(r)) => r,
-            // The agent is gone, and a lock it took went with it: a lock
-            // holder session tries again.
-            Ok(Err(AgentError::Ended)) => {
-                *slot = None;
-                return Ok(AgentLock::NotHere);
-            }
-            Ok(Err(e)) => {
-                *slot = None;
-                return Err(self.agent_gone(e).await);
-            }
-            Err(_) => {
-                *slot = None;
-                if let Some(pid) = pid {
-                    self.kill_group(pid).await;
-                }
-                return Err(TransportError::Timeout {
-                    target: self.name.clone(),
-                    what: format!("take the lock `{}`", lock_path.display()),
-                    secs: limit.as_secs(),
-                });
-            }
-        };
-        if let LockReply::Held = reply {
-            agent.holds_lock = true;
+        let answer = timeout(limit, asked).await;
+        // The agent is gone, and a lock it took went with it: a lock holder
+        // session tries again.
+        if let Ok(Err(AgentError::Ended)) = answer {
+            *slot = None;
+            return Ok(AgentLock::NotHere);
         }
+        let reply = self
+            .settle(&mut slot, pid, answer, || TransportError::Timeout {
+                target: self.name.clone(),
+                what: format!("take the lock `{}`", lock_path.display()),
+                secs: limit.as_secs(),
+            })
+            .await?;
         // The script's answer (which says it did not run unless the lock
         // was taken) comes next whatever the reply.
-        let answer = match then {
-            None => None,
-            Some(_) => match timeout(then_limit, agent.read_frame()).await {
-                Ok(Ok(out)) => Some(out),
-                Ok(Err(e)) => {
-                    *slot = None;
-                    return Err(self.agent_gone(e).await);
-                }
-                Err(_) => {
-                    *slot = None;
-                    if let Some(pid) = pid {
-                        self.kill_group(pid).await;
-                    }
-                    return Err(TransportError::Timeout {
+        let mut answer = None;
+        if let Some(agent) = slot.as_mut() {
+            agent.holds_lock = reply == LockReply::Held;
+            if then.is_some() {
+                let read = timeout(then_limit, agent.read_frame()).await;
+                let out = self
+                    .settle(&mut slot, pid, read, || TransportError::Timeout {
                         target: self.name.clone(),
                         what: "sh -s".into(),
                         secs: then_limit.as_secs(),
-                    });
-                }
-            },
-        };
+                    })
+                    .await?;
+                answer = Some(out);
+            }
+        }
         match reply {
             LockReply::Held => Ok(AgentLock::Held(
                 answer.filter(|o| o.status != agent::SKIPPED),
@@ -1045,6 +1012,32 @@ impl Inner {
         }
     }
 
+    /// The outcome of a step given to the agent in `slot`: its answer; or,
+    /// when it gave none (gone, garbled, out of time), the error, with the
+    /// agent dropped and, on a time-out, what it ran killed.
+    async fn settle<T>(
+        &self,
+        slot: &mut Option<Agent>,
+        pid: Option<u32>,
+        answer: Result<Result<T, AgentError>, tokio::time::error::Elapsed>,
+        timed_out: impl FnOnce() -> TransportError,
+    ) -> Result<T, TransportError> {
+        match answer {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => {
+                *slot = None;
+                Err(self.agent_gone(e).await)
+            }
+            Err(_) => {
+                *slot = None;
+                if let Some(pid) = pid {
+                    self.kill_group(pid).await;
+                }
+                Err(timed_out())
+            }
+        }
+    }
+
     /// What to say when the agent stopped answering in the middle of a
     /// step: a dead master, or the agent alone.
     async fn agent_gone(&self, e: AgentError) -> TransportError {
@@ -1055,7 +1048,7 @@ impl Inner {
             AgentError::Ended => "it ended".to_string(),
             AgentError::Garbled(what) => format!("its answer was garbled ({what})"),
         };
-        let said = std::fs::read_to_string(self._dir.path().join("agent.err")).unwrap_or_default();
+        let said = std::fs::read_to_string(self.dir.path().join("agent.err")).unwrap_or_default();
         TransportError::Remote {
             target: self.name.clone(),
             what: "punix's remote shell".into(),
