@@ -764,17 +764,6 @@ fn a_non_utf8_file_does_not_hide_the_other_files_errors() {
     );
 }
 
-/// Make `cmd` run as `nobody` when the tests run as root, so that file
-/// permissions bite as they do for a user.
-pub fn unprivileged(t: &Test, cmd: &mut std::process::Command) {
-    use std::os::unix::process::CommandExt;
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        fs::set_permissions(t.path(), fs::Permissions::from_mode(0o755)).unwrap();
-        cmd.uid(65534).gid(65534);
-    }
-}
-
 /// Run a command made with `Test::cmd`.
 pub fn output(cmd: &mut std::process::Command) -> Run {
     let out = cmd.output().unwrap();
@@ -796,9 +785,8 @@ fn an_unreadable_src_says_it_cannot_be_read() {
         "[package.A]\npname = \"a\"\nversion = \"1\"\nsrc = \"locked/app\"\nscript = 'x'\n",
     );
     let pkgs = t.pkgs();
-    let mut cmd = t.cmd();
+    let mut cmd = t.cmd_unprivileged();
     cmd.args(["store", "path", "--file", pkgs.to_str().unwrap()]);
-    unprivileged(&t, &mut cmd);
     let r = output(&mut cmd);
     fs::set_permissions(&locked, fs::Permissions::from_mode(0o755)).unwrap();
     let r = r.failure(1);

@@ -74,7 +74,31 @@ impl Test {
     }
 
     pub fn cmd(&self) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_punix"));
+        self.cmd_of(Path::new(env!("CARGO_BIN_EXE_punix")))
+    }
+
+    /// [`cmd`](Self::cmd) run as `nobody` when the tests run as root, so
+    /// that file permissions bite as they do for a user. `nobody` runs a
+    /// copy of punix in this test's directory: the build's own directory
+    /// may be one only root can enter (a checkout under `mktemp -d`).
+    pub fn cmd_unprivileged(&self) -> Command {
+        use std::os::unix::fs::PermissionsExt;
+        use std::os::unix::process::CommandExt;
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return self.cmd();
+        }
+        fs::set_permissions(self.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        let bin = self.path().join("punix-as-nobody");
+        fs::copy(env!("CARGO_BIN_EXE_punix"), &bin).unwrap();
+        fs::set_permissions(&bin, fs::Permissions::from_mode(0o755)).unwrap();
+        let mut c = self.cmd_of(&bin);
+        c.uid(65534).gid(65534);
+        c
+    }
+
+    fn cmd_of(&self, program: &Path) -> Command {
+        let mut c = Command::new(program);
         c.env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .env("HOME", self.path().join("home"))

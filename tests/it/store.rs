@@ -4,7 +4,7 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
-use crate::build::{output, unprivileged};
+use crate::build::output;
 use crate::common::{Test, repo};
 
 fn build_examples(t: &Test) -> Vec<String> {
@@ -224,7 +224,7 @@ fn a_store_root_without_permission_suggests_sudo() {
     fs::set_permissions(&locked, fs::Permissions::from_mode(0o555)).unwrap();
     let root = locked.join("store");
     let pkgs = t.pkgs();
-    let mut cmd = t.cmd();
+    let mut cmd = t.cmd_unprivileged();
     cmd.args([
         "build",
         "--store-root",
@@ -232,7 +232,6 @@ fn a_store_root_without_permission_suggests_sudo() {
         "--file",
         pkgs.to_str().unwrap(),
     ]);
-    unprivileged(&t, &mut cmd);
     let r = output(&mut cmd).failure(1);
     let q = format!("'{}'", root.display());
     assert!(
