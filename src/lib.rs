@@ -14,6 +14,7 @@
 pub mod build;
 pub mod cache;
 pub mod ci;
+pub mod clock;
 pub mod config;
 pub mod deploy;
 pub mod error;

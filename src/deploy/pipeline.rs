@@ -230,7 +230,7 @@ fn parse_current(
             .map(Some)
             .map_err(|e| DeployError::BadGeneration {
                 target: t.name(),
-                path: stack_dir.join(st.current.clone().unwrap_or_default()),
+                path: stack_dir.join(st.current.as_deref().unwrap_or("current")),
                 message: e.to_string(),
             }),
     }
@@ -277,6 +277,16 @@ pub struct Closure {
     names: Vec<String>,
     by_module: BTreeMap<String, PathBuf>,
     built: usize,
+    /// When already looked at: the binaries (`bin/`, `sbin/`) of these
+    /// entries that are not for the system, by entry.
+    foreign: Option<BTreeMap<String, Foreign>>,
+}
+
+/// A binary in the closure that is not for the system it is deployed to.
+#[derive(Clone)]
+struct Foreign {
+    file: String,
+    arch: &'static str,
 }
 
 /// Realise the closure of `stack` for `system` in the local store; the
@@ -314,6 +324,7 @@ fn realise_closure(
             names: plan.order.clone(),
             by_module: by_module(store, &plan),
             built,
+            foreign: None,
         });
     }
     closure_of(store, &plan, built)
@@ -333,6 +344,7 @@ fn closure_of(store: &Store, plan: &Plan, built: usize) -> Result<Closure, Deplo
         names: store.closure(roots)?.into_iter().collect(),
         by_module: by_module(store, plan),
         built,
+        foreign: None,
     })
 }
 
@@ -348,7 +360,16 @@ fn closure_if_built(
     if !scheduler::missing(store, &plan).is_empty() {
         return None;
     }
-    closure_of(store, &plan, 0).ok()
+    let mut c = closure_of(store, &plan, 0).ok()?;
+    // Which binaries would be refused, while there is time: the deploy
+    // then only looks up the entries the target lacks.
+    c.foreign = Some(
+        c.names
+            .iter()
+            .filter_map(|n| foreign_binary(store, n, system).map(|f| (n.clone(), f)))
+            .collect(),
+    );
+    Some(c)
 }
 
 /// What every target of one deploy shares: the checked recipes, the
@@ -358,6 +379,16 @@ pub struct Prepared {
     pub stack: Stack,
     secrets: Secrets,
     pub store: Store,
+    /// The hash of the recipe files, computed once (while the targets
+    /// connect, when they are connected over the network).
+    source_hash: std::sync::OnceLock<String>,
+}
+
+impl Prepared {
+    fn source_hash(&self, opts: &DeployOptions) -> &str {
+        self.source_hash
+            .get_or_init(|| source_hash(&opts.recipes_path))
+    }
 }
 
 /// Load the recipes, pick the stack, resolve its secrets: everything that
@@ -372,6 +403,7 @@ pub fn prepare(opts: &DeployOptions) -> Result<Prepared, DeployError> {
         stack,
         secrets,
         store,
+        source_hash: std::sync::OnceLock::new(),
     })
 }
 
@@ -465,7 +497,19 @@ fn deploy_realised(
         create.push(t.rebase(&opts.unit_dir));
     }
     // (A dry run only checks that they could be created and written.)
-    let script = remote::state(&lay, closure, &watched(t, &paths), &create, !opts.dry_run);
+    // Where a push goes (made by the state query when something is
+    // missing).
+    let push_dir = lay
+        .store
+        .join(format!(".tmp-push-{}", crate::files::unique_suffix()));
+    let script = remote::state(
+        &lay,
+        closure,
+        &watched(t, &paths),
+        &create,
+        !opts.dry_run,
+        (!opts.dry_run).then_some(push_dir.as_path()),
+    );
     // Under the stack's lock (one round trip for both where the transport
     // can), except for a dry run, which changes nothing.
     let (_lock, out) = if opts.dry_run {
@@ -481,6 +525,13 @@ fn deploy_realised(
     };
     let out = t.checked("state query", out)?;
     let st = State::parse(&out.stdout, paths.len());
+    // The state query made the push directory if something is missing:
+    // until the commit owns it, an error removes it again.
+    let mut push_cleanup = PushDirCleanup {
+        t,
+        dir: (!opts.dry_run && !st.missing.is_empty()).then(|| push_dir.clone()),
+        timeout: opts.timeout.min(Duration::from_secs(10)),
+    };
     report.rolled_forward = st.rolled_forward.clone();
     report.journals_failed = st.journal_failed.clone();
     check_state(
@@ -494,7 +545,7 @@ fn deploy_realised(
     // What the target lacks is what will be pushed: check those binaries
     // (the rest were checked when they were pushed).
     if !opts.dry_run {
-        check_binaries(t, store, &st.missing, system)?;
+        check_binaries(t, store, realised, &st.missing, system)?;
     }
 
     // The generation this deploy describes.
@@ -503,7 +554,7 @@ fn deploy_realised(
         number: 0,
         stack: stack.name.clone(),
         created: utc_now(),
-        source_hash: source_hash(&opts.recipes_path),
+        source_hash: prepared.source_hash(opts).to_string(),
         backend: stack.backend.clone(),
         system: system.to_string(),
         store_root: opts.store_root.to_string_lossy().into_owned(),
@@ -668,9 +719,7 @@ fn deploy_realised(
         None
     } else {
         pause_if_requested("push");
-        let dir = lay
-            .store
-            .join(format!(".tmp-push-{}", crate::files::unique_suffix()));
+        let dir = push_dir;
         let stats = t.push(store.root(), &st.missing, &dir)?;
         report.bytes_sent = stats.bytes_sent;
         Some((dir, st.missing.clone()))
@@ -702,6 +751,8 @@ fn deploy_realised(
         pause_before_flip: pause_requested("flip"),
         wait_secs: opts.timeout.as_secs().max(1),
     };
+    // From here on the commit script cleans up after itself.
+    push_cleanup.dir = None;
     t.run_checked("commit", &remote::commit(&commit), opts.timeout)?;
     report.generation = Some(number);
 
@@ -790,32 +841,63 @@ fn check_can_activate(t: &dyn Transport, probe: &Probe) -> Result<(), DeployErro
     Ok(())
 }
 
-/// Refuse a closure with an ELF binary under `bin/` (or `sbin/`) built for
-/// another machine than the target's.
+/// Removes the push directory on drop, unless disarmed (`dir` taken).
+struct PushDirCleanup<'a> {
+    t: &'a dyn Transport,
+    dir: Option<PathBuf>,
+    timeout: Duration,
+}
+
+impl Drop for PushDirCleanup<'_> {
+    fn drop(&mut self) {
+        if let Some(dir) = self.dir.take() {
+            let _ = self.t.run_script(&remote::remove_tree(&dir), self.timeout);
+        }
+    }
+}
+
+/// Refuse entries `names` of the closure with an ELF binary under `bin/`
+/// (or `sbin/`) built for another machine than the target's.
 fn check_binaries(
     t: &dyn Transport,
     store: &Store,
-    closure: &[String],
+    closure: &Closure,
+    names: &[String],
     system: &System,
 ) -> Result<(), DeployError> {
-    for name in closure {
-        for dir in ["bin", "sbin"] {
-            let Ok(rd) = std::fs::read_dir(store.entry_path(name).join(dir)) else {
-                continue;
-            };
-            for e in rd.flatten() {
-                if let Some(arch) = crate::platform::elf_mismatch(&e.path(), system) {
-                    return Err(DeployError::ForeignBinary {
-                        target: t.name(),
-                        file: e.path().display().to_string(),
-                        file_arch: arch.to_string(),
-                        target_system: system.to_string(),
-                    });
-                }
-            }
+    for name in names {
+        let found = match &closure.foreign {
+            Some(known) => known.get(name).cloned(),
+            None => foreign_binary(store, name, system),
+        };
+        if let Some(f) = found {
+            return Err(DeployError::ForeignBinary {
+                target: t.name(),
+                file: f.file,
+                file_arch: f.arch.to_string(),
+                target_system: system.to_string(),
+            });
         }
     }
     Ok(())
+}
+
+/// The first binary of entry `name` that is not for `system`.
+fn foreign_binary(store: &Store, name: &str, system: &System) -> Option<Foreign> {
+    for dir in ["bin", "sbin"] {
+        let Ok(rd) = std::fs::read_dir(store.entry_path(name).join(dir)) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            if let Some(arch) = crate::platform::elf_mismatch(&e.path(), system) {
+                return Some(Foreign {
+                    file: e.path().display().to_string(),
+                    arch,
+                });
+            }
+        }
+    }
+    None
 }
 
 fn gen_label(n: u64) -> String {
@@ -1047,7 +1129,7 @@ fn generation_state(
     let paths: Vec<PathBuf> = g.files.iter().map(|f| f.path.clone()).collect();
     let out = t.run_checked(
         "state query",
-        &remote::state(lay, &names, &watched(t, &paths), &[], roll_forward),
+        &remote::state(lay, &names, &watched(t, &paths), &[], roll_forward, None),
         timeout,
     )?;
     Ok((State::parse(&out.stdout, paths.len()), names, paths))
@@ -1157,7 +1239,7 @@ fn rollback_locked(
 
     let out = t.run_checked(
         "state query",
-        &remote::state(&lay, &[], &[], &[], true),
+        &remote::state(&lay, &[], &[], &[], true, None),
         opts.timeout,
     )?;
     let st = State::parse(&out.stdout, 0);
@@ -1357,7 +1439,7 @@ pub fn status(
     let lay = layout(t, store_root, &dep_root, stack);
     let out = t.run_checked(
         "state query",
-        &remote::state(&lay, &[], &[], &[], false),
+        &remote::state(&lay, &[], &[], &[], false, None),
         timeout,
     )?;
     let st = State::parse(&out.stdout, 0);
@@ -1703,8 +1785,10 @@ pub fn deploy_fleet(
             // the host) need one.
             let threads = std::thread::available_parallelism()
                 .map_or(1, |n| n.get().saturating_sub(1).max(1));
-            let work =
-                || closure_if_built(&prepared.recipes, &prepared.stack, &prepared.store, &host);
+            let work = || {
+                prepared.source_hash(opts);
+                closure_if_built(&prepared.recipes, &prepared.stack, &prepared.store, &host)
+            };
             match rayon::ThreadPoolBuilder::new().num_threads(threads).build() {
                 Ok(pool) => pool.install(work),
                 Err(_) => work(),

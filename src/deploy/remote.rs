@@ -32,7 +32,10 @@ pub fn probe() -> String {
     r#"set -- $(uname -sm)
 printf 'kernel=%s\nmachine=%s\n' "$1" "$2"
 printf 'home=%s\n' "$HOME"
-printf 'uid=%s\n' "$(id -u)"
+u=
+while read -r k v _; do if [ "$k" = Uid: ]; then u=$v; break; fi; done 2>/dev/null </proc/self/status
+[ -n "$u" ] || u=$(id -u)
+printf 'uid=%s\n' "$u"
 printf 'user=%s\n' "${USER:-${LOGNAME:-$(id -un 2>/dev/null)}}"
 if [ -d /run/systemd/system ]; then echo 'has=systemd-running'; fi
 for t in rsync systemctl setsid base64 sha256sum; do
@@ -107,6 +110,7 @@ pub fn state(
     files: &[Watched],
     dirs_to_create: &[PathBuf],
     roll_forward: bool,
+    push_dir: Option<&Path>,
 ) -> String {
     let mut s = String::new();
     let d = q(&layout.stack_dir);
@@ -119,7 +123,7 @@ pub fn state(
             r#"for j in "$D"/.journal-*.sh; do
   [ -e "$j" ] || continue
   printf 'rolled-forward %s\n' "${j##*/}"
-  sh "$j" >>"$j.log" 2>&1 || { mv -f "$j" "$j.failed"; printf 'journal-failed %s\n' "${j##*/}"; }
+  sh "$j" >>"$j.log" 2>&1 || { [ ! -e "$j" ] || mv -f "$j" "$j.failed"; printf 'journal-failed %s\n' "${j##*/}"; }
 done
 "#,
         );
@@ -129,11 +133,27 @@ done
 "#,
         );
     }
+    // Missing store paths: one line per path, all in this one script.
+    let _ = writeln!(
+        s,
+        "m=\nfor n in {}; do [ -e \"$S/$n/built\" ] || {{ m=1; printf 'missing %s\\n' \"$n\"; }}; done",
+        words(names.iter().map(String::as_str))
+    );
+    if roll_forward && (!dirs_to_create.is_empty() || push_dir.is_some()) {
+        // One `mkdir` for all that are missing, with the directory the
+        // push goes to when there is something to push.
+        let all: Vec<String> = dirs_to_create.iter().map(|d| q(d)).collect();
+        let _ = writeln!(s, "set -- {}", all.join(" "));
+        if let Some(p) = push_dir {
+            let _ = writeln!(s, "[ -z \"$m\" ] || set -- \"$@\" {}", q(p));
+        }
+        s.push_str("for d; do [ -d \"$d\" ] || { mkdir -p -- \"$@\" 2>/dev/null; break; }; done\n");
+    }
     for dir in dirs_to_create {
         if roll_forward {
             let _ = writeln!(
                 s,
-                "[ -d {p} ] || mkdir -p {p} 2>/dev/null; if [ -d {p} ] && [ -w {p} ]; then :; else printf 'unwritable %s\\n' {p}; fi",
+                "if [ -d {p} ] && [ -w {p} ]; then :; else printf 'unwritable %s\\n' {p}; fi",
                 p = q(dir)
             );
         } else {
@@ -147,18 +167,15 @@ done
         }
     }
     s.push_str(
-        r#"for g in "$D"/gen-*.json; do [ -e "$g" ] && printf 'gen %s\n' "${g##*/}"; done
+        r#"for g in "$D"/gen-*.json; do
+  [ -e "$g" ] || continue
+  printf 'gen %s\n' "${g##*/}"
+  [ ! "$g" -ef "$D/current" ] || printf 'current %s\n' "${g##*/}"
+done
 if [ -L "$D/current" ]; then
-  printf 'current %s\n' "$(readlink "$D/current")"
   if [ -f "$D/current" ]; then echo 'current-json-begin'; base64 < "$D/current"; echo 'current-json-end'; fi
 fi
 "#,
-    );
-    // Missing store paths: one line per path, all in this one script.
-    let _ = writeln!(
-        s,
-        "for n in {}; do [ -e \"$S/$n/built\" ] || printf 'missing %s\\n' \"$n\"; done",
-        words(names.iter().map(String::as_str))
     );
     for (i, f) in files.iter().enumerate() {
         for p in &f.parents {
@@ -345,11 +362,7 @@ pub fn commit(c: &Commit<'_>) -> String {
     // pushed temporaries, no staged files.
     let mut cleanup = String::from("cleanup() {\n");
     if let Some((dir, _)) = &c.pushed {
-        let _ = writeln!(
-            cleanup,
-            "  chmod -R u+w {p} 2>/dev/null; rm -rf {p}",
-            p = q(dir)
-        );
+        let _ = writeln!(cleanup, "  {}", remove_tree(dir));
     }
     for w in &c.writes {
         let _ = writeln!(cleanup, "  rm -f {}", q(&staged_name(&w.path, c.number)));
@@ -380,33 +393,22 @@ pub fn commit(c: &Commit<'_>) -> String {
         c.number,
         d.display()
     );
-    if let Some((dir, names)) = &c.pushed {
-        let _ = writeln!(j, "S={}\nP={}", q(&c.layout.store), q(dir));
-        // Drop from the push directory what is not to be moved (already in
-        // the store, or incomplete), clear leftovers under final names,
-        // then move what remains with three processes whatever their
-        // number (renaming a directory into another parent needs write
-        // permission on it). The list of what remains is a glob: building
-        // it with `set -- "$@" "$n"` would copy it once per name.
-        let _ = writeln!(
-            j,
-            "for n in {}; do\n  if [ -e \"$S/$n/built\" ] || [ ! -e \"$P/$n/built\" ]; then\n    if [ -e \"$P/$n\" ]; then chmod -R u+w \"$P/$n\"; rm -rf \"$P/$n\"; fi\n    continue\n  fi\n  if [ -e \"$S/$n\" ]; then chmod -R u+w \"$S/$n\"; rm -rf \"$S/$n\"; fi\ndone",
-            words(names.iter().map(String::as_str))
-        );
-        j.push_str("if [ -d \"$P\" ]; then\n  (cd \"$P\" && set -- * && if [ -e \"$1\" ]; then chmod u+w -- \"$@\" && mv -- \"$@\" \"$S\"/ && cd \"$S\" && chmod a-w -- \"$@\"; fi)\nfi\n");
-    }
-    for w in &c.writes {
-        let t = q(&staged_name(&w.path, c.number));
-        let _ = writeln!(j, "[ ! -e {t} ] || mv -f {t} {}", q(&w.path));
-    }
-    for r in &c.removes {
-        let _ = writeln!(j, "rm -f {}", q(r));
-    }
-    // (No sync here: the renames above and the flip below are ordered by
-    // the filesystem's journal; the flip is synced below.)
-    // Test hook: a one-shot pause (the request file is consumed, so a
-    // roll-forward of this journal does not pause again).
+    // Its pid, for the waiting side to tell a journal that died from one
+    // still running; a failure keeps it as `.failed` (with its log).
+    j.push_str("echo $$ >\"$0.pid\"\ntrap '[ $? = 0 ] || { rm -f \"$0.pid\"; mv -f \"$0\" \"$0.failed\"; }' EXIT\n");
+    // Test hook: a one-shot pause once the journal exists, before it
+    // changes anything (the request file is consumed, so a roll-forward
+    // of this journal does not pause again).
     j.push_str("if [ -e \"$0.pause-request\" ]; then rm -f \"$0.pause-request\"; echo paused > \"$0.paused\"; sleep 3600; fi\n");
+    // The pushed entries move in the background while the generation and
+    // the new `current` link are put next to the old one; the flip waits
+    // for both. (No sync between: the renames and the flip are ordered by
+    // the filesystem's journal; the flip is synced below.)
+    j.push_str("set --\npm=\n");
+    if let Some((dir, _)) = &c.pushed {
+        let _ = writeln!(j, "S={}\nP={}", q(&c.layout.store), q(dir));
+        j.push_str(MOVE_PUSHED);
+    }
     if c.generation_json.is_some() {
         let t = q(&gen_tmp);
         let _ = writeln!(j, "[ ! -e {t} ] || mv -f {t} {}", q(&d.join(&gen_name)));
@@ -414,8 +416,20 @@ pub fn commit(c: &Commit<'_>) -> String {
     let cur_tmp = q(&d.join(".current.punix-tmp"));
     let _ = writeln!(
         j,
-        "if [ -e {cur_tmp} ] || [ -L {cur_tmp} ]; then rm -f {cur_tmp}; fi\nln -s {g} {cur_tmp}\nmv -f {cur_tmp} {cur}\n{sync}",
+        "if [ -e {cur_tmp} ] || [ -L {cur_tmp} ]; then rm -f {cur_tmp}; fi\nln -s {g} {cur_tmp}\n[ -z \"$pm\" ] || wait \"$pm\"",
         g = quote(&gen_name),
+    );
+    for w in &c.writes {
+        let t = q(&staged_name(&w.path, c.number));
+        let _ = writeln!(j, "[ ! -e {t} ] || mv -f {t} {}", q(&w.path));
+    }
+    for r in &c.removes {
+        let _ = writeln!(j, "rm -f {}", q(r));
+    }
+    // The flip, then the moved entries made read-only while it is synced.
+    let _ = writeln!(
+        j,
+        "mv -f {cur_tmp} {cur}\npw=\nif [ $# -gt 0 ]; then (cd \"$S\" && chmod a-w -- \"$@\" 2>/dev/null || :) & pw=$!; fi\n{sync}\n[ -z \"$pw\" ] || wait \"$pw\" || :",
         cur = q(&d.join("current")),
         sync = sync
     );
@@ -427,16 +441,16 @@ pub fn commit(c: &Commit<'_>) -> String {
             .collect();
         let _ = writeln!(j, "rm -f {}", trimmed.join(" "));
     }
-    if let Some((dir, _)) = &c.pushed {
-        let _ = writeln!(
-            j,
-            "rmdir {p} 2>/dev/null || {{ chmod -R u+w {p} 2>/dev/null || true; rm -rf {p}; }}",
-            p = q(dir)
-        );
-    }
-    // Last: the journal itself, and its log (which is kept, with the
-    // journal renamed `.failed`, when it fails before this line).
-    j.push_str("rm -f \"$0.paused\" \"$0\" \"$0.log\"\n");
+    // Last: the push directory (empty now), the journal itself and its
+    // log, which a failure keeps.
+    let _ = writeln!(
+        j,
+        "rm -rf -- {}\"$0.paused\" \"$0.log\" \"$0\" \"$0.pid\"",
+        c.pushed
+            .as_ref()
+            .map(|(dir, _)| format!("{} ", q(dir)))
+            .unwrap_or_default()
+    );
 
     // Run as `sh JOURNAL`: it needs no execute bit.
     s.push_str(&write_staged(&journal, j.as_bytes(), 0o600));
@@ -452,15 +466,73 @@ pub fn commit(c: &Commit<'_>) -> String {
     s.push_str(&sync);
     s.push('\n');
     // Run it detached: a dropped connection or a killed punix cannot stop
-    // it half-way. Then wait for it.
+    // it half-way. Then wait for it: it is done when it deleted itself,
+    // failed when it left `.failed`; one that died half-way (its pid gone,
+    // itself still there) is run again by the next deploy.
     let jq = q(&journal);
     let _ = writeln!(
         s,
-        "J={jq}\nset +e\nif command -v setsid >/dev/null 2>&1; then\n  setsid sh -c 'sh \"$1\" >\"$1.log\" 2>&1 || mv -f \"$1\" \"$1.failed\"' punix-journal \"$J\" </dev/null >/dev/null 2>&1 &\nelse\n  (trap '' HUP; sh \"$J\" >\"$J.log\" 2>&1 || mv -f \"$J\" \"$J.failed\") </dev/null >/dev/null 2>&1 &\nfi\nwait $! 2>/dev/null\ni=0\nwhile [ -e \"$J\" ]; do\n  i=$((i+1)); [ \"$i\" -le {} ] || {{ echo 'the commit journal is still running' >&2; exit 75; }}\n  sleep 0.05\ndone\nif [ -e \"$J.failed\" ]; then cat \"$J.log\" >&2; echo \"(the journal is kept as $J.failed)\" >&2; exit 1; fi\necho committed",
+        r#"J={jq}
+set +e
+if command -v setsid >/dev/null 2>&1; then
+  setsid sh "$J" </dev/null >"$J.log" 2>&1 &
+else
+  (trap '' HUP; exec sh "$J") </dev/null >"$J.log" 2>&1 &
+fi
+wait $! 2>/dev/null
+i=0
+while [ -e "$J" ] && [ ! -e "$J.failed" ]; do
+  p=
+  [ ! -s "$J.pid" ] || read -r p <"$J.pid"
+  if [ -n "$p" ] && ! kill -0 "$p" 2>/dev/null && [ -e "$J" ] && [ ! -e "$J.failed" ]; then
+    echo "the commit journal $J stopped before it finished; the next deploy runs it again" >&2; exit 1
+  fi
+  i=$((i+1)); [ "$i" -le {} ] || {{ echo 'the commit journal is still running' >&2; exit 75; }}
+  sleep 0.05
+done
+if [ -e "$J.failed" ]; then cat "$J.log" >&2; echo "(the journal is kept as $J.failed)" >&2; exit 1; fi
+echo committed"#,
         c.wait_secs * 20
     );
     s
 }
+
+/// Remove a directory tree of the deploy's own (a push directory), read-only
+/// parts included.
+pub fn remove_tree(dir: &Path) -> String {
+    format!("chmod -R u+w {p} 2>/dev/null; rm -rf {p}", p = q(dir))
+}
+
+/// The journal's move of pushed entries into the store (`$P` to `$S`),
+/// started in the background (`$pm`), their names left in `$@`: all at
+/// once with two processes whatever their number (renaming a directory
+/// into another parent needs write permission on it). Only if some could
+/// not move (a copy already in the store, from a concurrent deploy of
+/// another stack, or a leftover under the final name) does it look at
+/// them one by one: a complete copy in the store wins, an incomplete one
+/// in the push is dropped, a leftover is cleared.
+const MOVE_PUSHED: &str = r#"if [ -d "$P" ]; then
+  cd "$P"
+  set -- *
+  if [ -e "$1" ]; then
+    (
+      chmod u+w -- "$@"
+      if ! mv -- "$@" "$S"/ 2>/dev/null; then
+        for n in *; do
+          [ -e "$n" ] || continue
+          if [ -e "$S/$n/built" ] || [ ! -e "$n/built" ]; then chmod -R u+w "$n"; rm -rf "$n"; continue; fi
+          if [ -e "$S/$n" ] || [ -L "$S/$n" ]; then chmod -R u+w "$S/$n"; rm -rf "$S/$n"; fi
+          mv -- "$n" "$S"/
+        done
+      fi
+    ) &
+    pm=$!
+  else
+    set --
+  fi
+  cd /
+fi
+"#;
 
 /// The activation script: reload, stop removed units, restart changed and
 /// new ones, detached; then report `is-active` of every unit.

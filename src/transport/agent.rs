@@ -67,6 +67,7 @@ fn getrandom(buf: &mut [u8]) -> std::io::Result<()> {
 pub(crate) fn bootstrap(marker: &str) -> String {
     format!(
         r#"PUNIX_M={marker}
+export LC_ALL=C
 PUNIX_E=$(mktemp "${{TMPDIR:-/tmp}}/punix-agent.XXXXXX") || exit 97
 trap 'rm -f "$PUNIX_E"' EXIT
 trap 'exit 129' HUP
@@ -79,6 +80,7 @@ punix_frame() {{
   : >"$PUNIX_E"
 }}
 PUNIX_LOCKED=
+PUNIX_HOST=
 punix_lock() {{
   PUNIX_LOCKED=
   command -v flock >/dev/null 2>&1 || {{ echo fallback; return 0; }}
@@ -86,8 +88,8 @@ punix_lock() {{
   ( : >>"$1" ) 2>/dev/null || {{ echo fallback; return 0; }}
   exec 9>>"$1"
   if flock $2 9; then
-    : "${{PUNIX_HOST:=$(uname -n 2>/dev/null)}}"
-    printf 'pid %s on %s since %s' "$$" "$PUNIX_HOST" "$(date -u +%Y-%m-%dT%H:%M:%SZ)" >"$1"
+    [ -n "$PUNIX_HOST" ] || read -r PUNIX_HOST </proc/sys/kernel/hostname 2>/dev/null || PUNIX_HOST=$(uname -n 2>/dev/null)
+    printf 'pid %s on %s since %s' "$$" "$PUNIX_HOST" "$3" >"$1"
     PUNIX_LOCKED=1
     echo locked
   else
@@ -122,9 +124,12 @@ pub(crate) fn lock_command(lock: &Path, wait: Duration) -> String {
     } else {
         format!("-w {:.3}", wait.as_secs_f64())
     };
+    // The time the lock was taken is this machine's: one process fewer
+    // on the target than asking its `date`.
     format!(
-        "punix_lock {} '{arg}' 2>\"$PUNIX_E\"; punix_frame $?\n",
-        quote_path(lock)
+        "punix_lock {} '{arg}' {} 2>\"$PUNIX_E\"; punix_frame $?\n",
+        quote_path(lock),
+        crate::clock::utc_now()
     )
 }
 

@@ -207,16 +207,11 @@ impl Transport for LocalTransport {
                 self.name()
             ))
         })?;
-        let mut src = OsString::from(local_store.as_os_str());
-        src.push("/");
         let mut dst = OsString::from(remote_dir.as_os_str());
         dst.push("/");
         let mut cmd = Command::new("rsync");
-        cmd.args(["-a", "-r", "--from0", "--files-from=-", "--stats"])
-            .arg(src)
-            .arg(dst)
-            .env("LC_ALL", "C");
-        run_rsync(&self.name(), cmd, names)
+        cmd.args(["-a", "--stats"]).env("LC_ALL", "C");
+        run_rsync(&self.name(), cmd, local_store, names, &dst)
     }
 
     fn pull(&self, remote: &Path, local: &Path) -> Result<PullStats, TransportError> {

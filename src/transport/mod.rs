@@ -416,21 +416,53 @@ pub fn rsync_hint(status: i32, stderr: &str) -> Option<String> {
     None
 }
 
-/// Run one prepared `rsync` (its arguments already hold `--from0
-/// --files-from=- --stats`), feed it the NUL-separated `names` on stdin,
+/// The most bytes of entry names a push passes as arguments; a longer
+/// list goes through `--files-from` (rsync handles a list of arguments
+/// faster, the standard input has no length limit).
+const MAX_NAME_ARG_BYTES: usize = 512 * 1024;
+
+/// Run one prepared `rsync` (its arguments hold `--stats` and its
+/// options) that sends the entries `names` of `local_store` into `dest`,
 /// and read its statistics. Shared by both transports.
 pub(crate) fn run_rsync(
     target: &str,
     cmd: Command,
+    local_store: &Path,
     names: &[String],
+    dest: &std::ffi::OsStr,
+) -> Result<PushStats, TransportError> {
+    run_rsync_limited(target, cmd, local_store, names, dest, MAX_NAME_ARG_BYTES)
+}
+
+fn run_rsync_limited(
+    target: &str,
+    mut cmd: Command,
+    local_store: &Path,
+    names: &[String],
+    dest: &std::ffi::OsStr,
+    max_arg_bytes: usize,
 ) -> Result<PushStats, TransportError> {
     for n in names {
         check_entry_name(n)?;
     }
     let mut list = Vec::new();
-    for n in names {
-        list.extend_from_slice(n.as_bytes());
-        list.push(0);
+    let prefix = local_store.as_os_str().len() + 1;
+    if names.iter().map(|n| prefix + n.len() + 1).sum::<usize>() <= max_arg_bytes {
+        // Each entry by its path (no trailing slash): it lands as
+        // `dest/name`.
+        cmd.arg("--")
+            .args(names.iter().map(|n| local_store.join(n)))
+            .arg(dest);
+    } else {
+        for n in names {
+            list.extend_from_slice(n.as_bytes());
+            list.push(0);
+        }
+        let mut src = local_store.as_os_str().to_os_string();
+        src.push("/");
+        cmd.args(["-r", "--from0", "--files-from=-"])
+            .arg(src)
+            .arg(dest);
     }
     let stdout = run_rsync_with_input(target, "to", cmd, list)?;
     Ok(PushStats {
@@ -538,6 +570,43 @@ mod tests {
         assert!(h.unwrap_or_default().contains("install"));
         assert!(rsync_hint(127, "").is_some());
         assert!(rsync_hint(23, "some files vanished").is_none());
+    }
+
+    /// Both ways of naming what to push (arguments, or `--files-from`
+    /// for a long list) deliver the same entries, and only those.
+    #[test]
+    fn pushes_by_arguments_or_by_list() {
+        let src = tempfile::tempdir().expect("tempdir");
+        let names: Vec<String> = (0..5).map(|i| format!("{i:032x}-m{i}-1")).collect();
+        for n in &names {
+            std::fs::create_dir_all(src.path().join(n).join("share")).expect("mkdir");
+            std::fs::write(src.path().join(n).join("share/a"), n).expect("write");
+            std::fs::write(src.path().join(n).join("built"), "").expect("write");
+        }
+        std::fs::create_dir_all(src.path().join("not-pushed")).expect("mkdir");
+        let wanted = &names[1..4];
+        for limit in [0, MAX_NAME_ARG_BYTES] {
+            let dst = tempfile::tempdir().expect("tempdir");
+            let mut d = dst.path().as_os_str().to_os_string();
+            d.push("/");
+            let mut cmd = Command::new("rsync");
+            cmd.args(["-a", "--stats"]);
+            let stats = run_rsync_limited("local", cmd, src.path(), wanted, &d, limit)
+                .expect("rsync (install it: apt-get install rsync)");
+            assert!(stats.bytes_sent > 0);
+            let mut got: Vec<String> = std::fs::read_dir(dst.path())
+                .expect("read_dir")
+                .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+                .collect();
+            got.sort();
+            assert_eq!(got, wanted, "limit {limit}");
+            for n in wanted {
+                assert_eq!(
+                    std::fs::read_to_string(dst.path().join(n).join("share/a")).expect("read"),
+                    *n
+                );
+            }
+        }
     }
 
     #[test]

@@ -57,14 +57,20 @@ const B64_EOF: &str = "PUNIX_B64_EOF";
 
 /// A fragment that writes `bytes` to `tmp` with `mode` set before any
 /// content is written (so a secret is never readable by others, not even
-/// for an instant): the file is created 0600 and widened to `mode` once
-/// complete. It does not sync or rename. Text travels as one quoted word
-/// written by the shell's own `printf`; other bytes as base64 (`base64
-/// -d`). A file or symlink already at `tmp` is removed first, never
-/// written through.
+/// for an instant): the file is created with `mode` (through the umask)
+/// when `mode` has no execute or special bits, else created 0600 and
+/// widened to `mode` once complete. It does not sync or rename. Text
+/// travels as one quoted word written by the shell's own `printf`; other
+/// bytes as base64 (`base64 -d`). A file or symlink already at `tmp` is
+/// removed first, never written through.
 pub fn write_staged(tmp: &Path, bytes: &[u8], mode: u32) -> String {
     let mut s = String::new();
     let t = quote_path(tmp);
+    let (umask, widen) = if mode & !0o666 == 0 {
+        (0o777 & !mode, false)
+    } else {
+        (0o077, mode != 0o600)
+    };
     s.push_str(&format!(
         "if [ -e {t} ] || [ -L {t} ]; then rm -f {t}; fi
 "
@@ -72,13 +78,15 @@ pub fn write_staged(tmp: &Path, bytes: &[u8], mode: u32) -> String {
     match std::str::from_utf8(bytes) {
         Ok(text) if !text.contains('\0') => {
             s.push_str(&format!(
-                "(umask 077 && printf '%s' {} > {t})\n",
+                "(umask {umask:03o} && printf '%s' {} > {t})\n",
                 quote(text)
             ));
         }
         _ => {
             let b64 = base64::engine::general_purpose::STANDARD.encode(bytes);
-            s.push_str(&format!("(umask 077 && base64 -d > {t}) <<'{B64_EOF}'\n"));
+            s.push_str(&format!(
+                "(umask {umask:03o} && base64 -d > {t}) <<'{B64_EOF}'\n"
+            ));
             for chunk in b64.as_bytes().chunks(76) {
                 s.push_str(std::str::from_utf8(chunk).unwrap_or_default());
                 s.push('\n');
@@ -87,7 +95,7 @@ pub fn write_staged(tmp: &Path, bytes: &[u8], mode: u32) -> String {
             s.push('\n');
         }
     }
-    if mode != 0o600 {
+    if widen {
         s.push_str(&format!("chmod {mode:o} {t}\n"));
     }
     s

@@ -1228,11 +1228,13 @@ impl Transport for SshTransport {
         let dir = remote_dir.to_string_lossy();
         let dir = dir.trim_end_matches('/');
         let dir = if dir.is_empty() { "/" } else { dir };
-        // One round trip: the remote side makes the directory, then runs
-        // rsync (`--mkpath` would need rsync >= 3.2.3 on both ends).
-        let rsync_path = format!("mkdir -p -- {} && rsync", quote(dir));
-        let mut src = local_store.as_os_str().to_os_string();
-        src.push("/");
+        // One round trip: the remote side makes the directory unless it
+        // is there, then runs rsync (`--mkpath` would need rsync >= 3.2.3
+        // on both ends).
+        let rsync_path = format!(
+            "[ -d {d} ] || mkdir -p -- {d} || exit 1; rsync",
+            d = quote(dir)
+        );
         let dest = format!(
             "{}@{}:{}/",
             t.user,
@@ -1240,7 +1242,7 @@ impl Transport for SshTransport {
             dir.trim_end_matches('/')
         );
         let mut cmd = Command::new("rsync");
-        cmd.args(["-a", "-r", "--from0", "--files-from=-", "--stats"])
+        cmd.args(["-a", "--stats"])
             .arg(format!(
                 "--timeout={}",
                 inner.opts.op_timeout.as_secs().max(1)
@@ -1248,10 +1250,14 @@ impl Transport for SshTransport {
             .arg("-e")
             .arg(rsh)
             .arg(format!("--rsync-path={rsync_path}"))
-            .arg(src)
-            .arg(dest)
             .env("LC_ALL", "C");
-        inner.rsync_outcome(run_rsync(&inner.name, cmd, names))
+        inner.rsync_outcome(run_rsync(
+            &inner.name,
+            cmd,
+            local_store,
+            names,
+            std::ffi::OsStr::new(&dest),
+        ))
     }
 
     fn pull(&self, remote: &Path, local: &Path) -> Result<PullStats, TransportError> {

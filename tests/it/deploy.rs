@@ -754,6 +754,55 @@ fn a_binary_for_another_machine_is_never_pushed() {
     assert!(r.stderr.contains("refusing to push it"), "{}", r.stderr);
     assert!(current(&t).is_none());
     assert_store_whole(&t);
+    // The directory the push would have gone to is gone again.
+    let store = root(&t).join(t.store().to_str().unwrap().trim_start_matches('/'));
+    let left: Vec<String> = fs::read_dir(&store)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(left.is_empty(), "left on the target: {left:?}");
+}
+
+/// A leftover under a store path's final name (an interrupted `store gc`
+/// leaves a partial directory without `built`) makes the journal's
+/// all-at-once move fail for that entry: it is cleared and replaced, the
+/// others move as usual, and every entry ends complete and read-only.
+#[test]
+fn a_leftover_under_a_final_name_is_replaced_by_the_push() {
+    let t = Test::new();
+    stack(&t, "x\\n");
+    deploy(&t, &[]).success();
+    let store = root(&t).join(t.store().to_str().unwrap().trim_start_matches('/'));
+    let lib = t.path_of("Lib");
+    let name = lib.file_name().unwrap().to_string_lossy().into_owned();
+    let entry = store.join(&name);
+    // What a killed gc leaves: part of the tree, `built` already gone.
+    let status = std::process::Command::new("chmod")
+        .args(["-R", "u+w"])
+        .arg(&entry)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    fs::remove_file(entry.join("built")).unwrap();
+    fs::write(entry.join("junk"), "half-deleted").unwrap();
+    let r = deploy(&t, &[]).success();
+    assert!(r.stdout.contains("1 pushed"), "{}", r.stdout);
+    assert!(entry.join("built").is_file());
+    assert!(!entry.join("junk").exists());
+    assert_eq!(
+        fs::read_to_string(entry.join("share/lib.txt")).unwrap(),
+        "lib\n"
+    );
+    assert_store_whole(&t);
+    for e in fs::read_dir(&store).unwrap().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        assert!(!name.starts_with(".tmp-push-"), "left: {name}");
+        let mode = e.metadata().unwrap().permissions().mode();
+        assert_eq!(mode & 0o222, 0, "`{name}` is writable: {mode:o}");
+    }
 }
 
 /// Generation files written by earlier versions must keep parsing.
