@@ -524,7 +524,7 @@ fn deploy_realised(
         (Some(guard), out)
     };
     let out = t.checked("state query", out)?;
-    let st = State::parse(&out.stdout, paths.len());
+    let st = State::with_names(&out.stdout, paths.len(), closure);
     // The state query made the push directory if something is missing:
     // until the commit owns it, an error removes it again.
     let mut push_cleanup = PushDirCleanup {
@@ -1132,7 +1132,11 @@ fn generation_state(
         &remote::state(lay, &names, &watched(t, &paths), &[], roll_forward, None),
         timeout,
     )?;
-    Ok((State::parse(&out.stdout, paths.len()), names, paths))
+    Ok((
+        State::with_names(&out.stdout, paths.len(), &names),
+        names,
+        paths,
+    ))
 }
 
 fn read_generation(

@@ -133,12 +133,16 @@ done
 "#,
         );
     }
-    // Missing store paths: one line per path, all in this one script.
-    let _ = writeln!(
-        s,
-        "m=\nfor n in {}; do [ -e \"$S/$n/built\" ] || {{ m=1; printf 'missing %s\\n' \"$n\"; }}; done",
-        words(names.iter().map(String::as_str))
-    );
+    // Missing store paths: one line per path, all in this one script;
+    // all of them, without looking, when there is no store yet.
+    s.push_str("m=\n");
+    if !names.is_empty() {
+        let _ = writeln!(
+            s,
+            "if [ -d \"$S\" ]; then\n  cd \"$S\"\n  for n in {}; do [ -e \"$n/built\" ] || {{ m=1; printf 'missing %s\\n' \"$n\"; }}; done\n  cd /\nelse\n  m=1; echo store-absent\nfi",
+            words(names.iter().map(String::as_str))
+        );
+    }
     if roll_forward && (!dirs_to_create.is_empty() || push_dir.is_some()) {
         // One `mkdir` for all that are missing, with the directory the
         // push goes to when there is something to push.
@@ -214,6 +218,9 @@ pub struct State {
     pub current: Option<String>,
     pub current_json: Option<Vec<u8>>,
     pub missing: Vec<String>,
+    /// The store root does not exist: every path asked about is missing
+    /// (see [`State::with_names`]).
+    pub store_absent: bool,
     /// Per watched file: (sha256 or state word, mode).
     pub files: Vec<(String, String)>,
     /// (file index, symlinked parent)
@@ -221,6 +228,15 @@ pub struct State {
 }
 
 impl State {
+    /// [`parse`](Self::parse) of a query about the store paths `names`.
+    pub fn with_names(out: &str, nfiles: usize, names: &[String]) -> State {
+        let mut st = Self::parse(out, nfiles);
+        if st.store_absent {
+            st.missing = names.to_vec();
+        }
+        st
+    }
+
     pub fn parse(out: &str, nfiles: usize) -> State {
         use base64::Engine;
         let mut st = State {
@@ -264,6 +280,7 @@ impl State {
                 "current" => st.current = Some(rest.to_string()),
                 "current-json-begin" => in_json = true,
                 "missing" => st.missing.push(rest.to_string()),
+                "store-absent" => st.store_absent = true,
                 "file" => {
                     let mut it = rest.split(' ');
                     if let (Some(i), Some(h), Some(m)) = (it.next(), it.next(), it.next())
