@@ -23,6 +23,7 @@ pub mod files;
 pub mod platform;
 pub mod recipe;
 pub mod store;
+pub mod trace;
 pub mod transport;
 
 pub use error::Error;

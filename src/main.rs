@@ -6,8 +6,11 @@ mod cli;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    punix::trace::mark("start");
     let args = cli::parse();
-    match cli::run(args) {
+    let r = cli::run(args);
+    punix::trace::mark("returned");
+    match r {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");

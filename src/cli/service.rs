@@ -305,6 +305,7 @@ pub fn run(cx: &Context, cmd: ServiceCommand) -> Result<(), Error> {
                 return match &one.result {
                     Ok(report) => {
                         print_report(report, a.json, "deploy");
+                        punix::trace::mark("printed");
                         Ok(())
                     }
                     Err(_) => {

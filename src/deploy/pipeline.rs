@@ -523,6 +523,7 @@ fn deploy_realised(
         )?;
         (Some(guard), out)
     };
+    crate::trace::mark("state answered");
     let out = t.checked("state query", out)?;
     let st = State::with_names(&out.stdout, paths.len(), closure);
     // The state query made the push directory if something is missing:
@@ -720,7 +721,9 @@ fn deploy_realised(
     } else {
         pause_if_requested("push");
         let dir = push_dir;
+        crate::trace::mark("push starts");
         let stats = t.push(store.root(), &st.missing, &dir)?;
+        crate::trace::mark("push done");
         report.bytes_sent = stats.bytes_sent;
         Some((dir, st.missing.clone()))
     };
@@ -754,6 +757,7 @@ fn deploy_realised(
     // From here on the commit script cleans up after itself.
     push_cleanup.dir = None;
     t.run_checked("commit", &remote::commit(&commit), opts.timeout)?;
+    crate::trace::mark("committed");
     report.generation = Some(number);
 
     // Activate.

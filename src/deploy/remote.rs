@@ -417,25 +417,32 @@ pub fn commit(c: &Commit<'_>) -> String {
     // changes anything (the request file is consumed, so a roll-forward
     // of this journal does not pause again).
     j.push_str("if [ -e \"$0.pause-request\" ]; then rm -f \"$0.pause-request\"; echo paused > \"$0.paused\"; sleep 3600; fi\n");
-    // The pushed entries move in the background while the generation and
-    // the new `current` link are put next to the old one; the flip waits
-    // for both. (No sync between: the renames and the flip are ordered by
-    // the filesystem's journal; the flip is synced below.)
-    j.push_str("set --\npm=\n");
+    // Pushed entries are made writable (a directory moved to another
+    // parent must be) and the new `current` link is made while what was
+    // pushed and staged is flushed; nothing is renamed before that. Then
+    // the entries move in the background while the generation is renamed
+    // next to the old one; the flip waits for both. (No sync between: the
+    // renames and the flip are ordered by the filesystem's journal; the
+    // flip is synced below.)
+    j.push_str("set --\npc=\npm=\n");
     if let Some((dir, _)) = &c.pushed {
         let _ = writeln!(j, "S={}\nP={}", q(&c.layout.store), q(dir));
+        j.push_str(PREPARE_PUSHED);
+    }
+    let cur_tmp = q(&d.join(".current.punix-tmp"));
+    let _ = writeln!(
+        j,
+        "if [ -e {cur_tmp} ] || [ -L {cur_tmp} ]; then rm -f {cur_tmp}; fi\nln -s {g} {cur_tmp}\n{sync}\n[ -z \"$pc\" ] || wait \"$pc\"",
+        g = quote(&gen_name),
+    );
+    if c.pushed.is_some() {
         j.push_str(MOVE_PUSHED);
     }
     if c.generation_json.is_some() {
         let t = q(&gen_tmp);
         let _ = writeln!(j, "[ ! -e {t} ] || mv -f {t} {}", q(&d.join(&gen_name)));
     }
-    let cur_tmp = q(&d.join(".current.punix-tmp"));
-    let _ = writeln!(
-        j,
-        "if [ -e {cur_tmp} ] || [ -L {cur_tmp} ]; then rm -f {cur_tmp}; fi\nln -s {g} {cur_tmp}\n[ -z \"$pm\" ] || wait \"$pm\"",
-        g = quote(&gen_name),
-    );
+    j.push_str("[ -z \"$pm\" ] || wait \"$pm\"\n");
     for w in &c.writes {
         let t = q(&staged_name(&w.path, c.number));
         let _ = writeln!(j, "[ ! -e {t} ] || mv -f {t} {}", q(&w.path));
@@ -480,8 +487,6 @@ pub fn commit(c: &Commit<'_>) -> String {
             q(&journal.with_extension("sh.pause-request"))
         );
     }
-    s.push_str(&sync);
-    s.push('\n');
     // Run it detached: a dropped connection or a killed punix cannot stop
     // it half-way. Then wait for it: it is done when it deleted itself,
     // failed when it left `.failed`; one that died half-way (its pid gone,
@@ -520,34 +525,41 @@ pub fn remove_tree(dir: &Path) -> String {
     format!("chmod -R u+w {p} 2>/dev/null; rm -rf {p}", p = q(dir))
 }
 
-/// The journal's move of pushed entries into the store (`$P` to `$S`),
-/// started in the background (`$pm`), their names left in `$@`: all at
-/// once with two processes whatever their number (renaming a directory
-/// into another parent needs write permission on it). Only if some could
-/// not move (a copy already in the store, from a concurrent deploy of
-/// another stack, or a leftover under the final name) does it look at
-/// them one by one: a complete copy in the store wins, an incomplete one
-/// in the push is dropped, a leftover is cleared.
-const MOVE_PUSHED: &str = r#"if [ -d "$P" ]; then
+/// The journal's first look at the pushed entries (`$P`): their names
+/// into `$@`, made writable in the background (`$pc`).
+const PREPARE_PUSHED: &str = r#"if [ -d "$P" ]; then
   cd "$P"
   set -- *
   if [ -e "$1" ]; then
-    (
-      chmod u+w -- "$@"
-      if ! mv -- "$@" "$S"/ 2>/dev/null; then
-        for n in *; do
-          [ -e "$n" ] || continue
-          if [ -e "$S/$n/built" ] || [ ! -e "$n/built" ]; then chmod -R u+w "$n"; rm -rf "$n"; continue; fi
-          if [ -e "$S/$n" ] || [ -L "$S/$n" ]; then chmod -R u+w "$S/$n"; rm -rf "$S/$n"; fi
-          mv -- "$n" "$S"/
-        done
-      fi
-    ) &
-    pm=$!
+    (chmod u+w -- "$@") &
+    pc=$!
   else
     set --
   fi
   cd /
+fi
+"#;
+
+/// The journal's move of the pushed entries `$@` from `$P` into the store
+/// `$S`, in the background (`$pm`): all at once with one `mv` whatever
+/// their number. Only if some could not move (a copy already in the
+/// store, from a concurrent deploy of another stack, or a leftover under
+/// the final name) does it look at them one by one: a complete copy in
+/// the store wins, an incomplete one in the push is dropped, a leftover
+/// is cleared.
+const MOVE_PUSHED: &str = r#"if [ $# -gt 0 ]; then
+  (
+    cd "$P"
+    if ! mv -- "$@" "$S"/ 2>/dev/null; then
+      for n in *; do
+        [ -e "$n" ] || continue
+        if [ -e "$S/$n/built" ] || [ ! -e "$n/built" ]; then chmod -R u+w "$n"; rm -rf "$n"; continue; fi
+        if [ -e "$S/$n" ] || [ -L "$S/$n" ]; then chmod -R u+w "$S/$n"; rm -rf "$S/$n"; fi
+        mv -- "$n" "$S"/
+      done
+    fi
+  ) &
+  pm=$!
 fi
 "#;
 

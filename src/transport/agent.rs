@@ -65,10 +65,14 @@ fn getrandom(buf: &mut [u8]) -> std::io::Result<()> {
 
 /// What the agent runs first: its helpers, then a frame saying its pid.
 pub(crate) fn bootstrap(marker: &str) -> String {
+    // Its standard error file is named after the marker: random, so
+    // created without `mktemp` (and exclusively, `set -C`).
+    let suffix = marker.rsplit('-').next().unwrap_or(marker);
     format!(
         r#"PUNIX_M={marker}
 export LC_ALL=C
-PUNIX_E=$(mktemp "${{TMPDIR:-/tmp}}/punix-agent.XXXXXX") || exit 97
+PUNIX_E=${{TMPDIR:-/tmp}}/punix-agent.{suffix}
+(set -C; umask 077; : >"$PUNIX_E") 2>/dev/null || PUNIX_E=$(mktemp "${{TMPDIR:-/tmp}}/punix-agent.XXXXXX") || exit 97
 trap 'rm -f "$PUNIX_E"' EXIT
 trap 'exit 129' HUP
 trap 'exit 130' INT

@@ -468,6 +468,7 @@ impl SshTransport {
         cmd.stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .stderr(agent_err);
+        crate::trace::mark("ssh spawned");
         let mut child = cmd.spawn().map_err(|e| TransportError::Spawn {
             program: "ssh".into(),
             package: "openssh-client".into(),
@@ -520,6 +521,7 @@ impl SshTransport {
                 }
             }
         });
+        crate::trace::mark("connected");
         let launched = match launched {
             Ok(l) => l,
             Err(e) => {
