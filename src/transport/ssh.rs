@@ -1234,7 +1234,7 @@ impl Transport for SshTransport {
         // is there, then runs rsync (`--mkpath` would need rsync >= 3.2.3
         // on both ends).
         let rsync_path = format!(
-            "[ -d {d} ] || mkdir -p -- {d} || exit 1; rsync",
+            "[ -d {d} ] || mkdir -p -- {d} || exit 1; exec rsync",
             d = quote(dir)
         );
         let dest = format!(
