@@ -210,7 +210,7 @@ impl Transport for LocalTransport {
         let mut dst = OsString::from(remote_dir.as_os_str());
         dst.push("/");
         let mut cmd = Command::new("rsync");
-        cmd.args(["-a", "--stats"]).env("LC_ALL", "C");
+        cmd.args(["-a", "--inplace", "--stats"]).env("LC_ALL", "C");
         run_rsync(&self.name(), cmd, local_store, names, &dst)
     }
 

@@ -152,7 +152,9 @@ pub trait Transport: Send + Sync {
 
     /// Send the entries `names` of the local store at `local_store` into the
     /// directory `remote_dir` (already rebased, created if needed) in ONE
-    /// rsync run: `remote_dir/<name>/...`.
+    /// rsync run: `remote_dir/<name>/...`. Files are written in place
+    /// (`--inplace`): `remote_dir` must be a temporary directory whose
+    /// content is used only once the push succeeded.
     fn push(
         &self,
         local_store: &Path,
