@@ -845,6 +845,17 @@ fn check_can_activate(t: &dyn Transport, probe: &Probe) -> Result<(), DeployErro
     Ok(())
 }
 
+/// Give the calling thread (only) the nice value 10, for work that can
+/// wait. On Linux a thread's nice value is its own.
+fn lower_thread_priority() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: gettid and setpriority take and return plain integers.
+    unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, tid, 10);
+    }
+}
+
 /// Removes the push directory on drop, unless disarmed (`dir` taken).
 struct PushDirCleanup<'a> {
     t: &'a dyn Transport,
@@ -1788,16 +1799,21 @@ pub fn deploy_fleet(
     let host = System::host();
     let (probed, speculated) = std::thread::scope(|scope| {
         let speculation = scope.spawn(|| {
-            // One core fewer than the machine has: the SSH handshakes
-            // running meanwhile (and, on a small machine, the rest of
-            // the host) need one.
+            // One core fewer than the machine has, at a lower priority:
+            // the SSH handshakes running meanwhile (and, on a small
+            // machine, the rest of the host) come first.
+            lower_thread_priority();
             let threads = std::thread::available_parallelism()
                 .map_or(1, |n| n.get().saturating_sub(1).max(1));
             let work = || {
                 prepared.source_hash(opts);
                 closure_if_built(&prepared.recipes, &prepared.stack, &prepared.store, &host)
             };
-            match rayon::ThreadPoolBuilder::new().num_threads(threads).build() {
+            match rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .start_handler(|_| lower_thread_priority())
+                .build()
+            {
                 Ok(pool) => pool.install(work),
                 Err(_) => work(),
             }
