@@ -125,6 +125,7 @@ pub fn state(
   printf 'rolled-forward %s\n' "${j##*/}"
   sh "$j" >>"$j.log" 2>&1 || { [ ! -e "$j" ] || mv -f "$j" "$j.failed"; printf 'journal-failed %s\n' "${j##*/}"; }
 done
+for j in "$D"/.journal-*.sh.new; do [ ! -e "$j" ] || rm -f "$j" "${j%.new}.pid"; done
 "#,
         );
     } else {
@@ -410,16 +411,17 @@ pub fn commit(c: &Commit<'_>) -> String {
         c.number,
         d.display()
     );
-    // Its pid, for the waiting side to tell a journal that died from one
-    // still running; a failure keeps it as `.failed` (with its log).
-    j.push_str("echo $$ >\"$0.pid\"\ntrap '[ $? = 0 ] || { rm -f \"$0.pid\"; mv -f \"$0\" \"$0.failed\"; }' EXIT\n");
-    // Test hook: a one-shot pause once the journal exists, before it
-    // changes anything (the request file is consumed, so a roll-forward
-    // of this journal does not pause again).
-    j.push_str("if [ -e \"$0.pause-request\" ]; then rm -f \"$0.pause-request\"; echo paused > \"$0.paused\"; sleep 3600; fi\n");
+    // It runs first under a temporary name (`$0`), and `$J` is its real
+    // one. Its pid, for the waiting side to tell a journal that died from
+    // one still running; a failure keeps it as `.failed` (with its log).
+    let _ = writeln!(j, "J={}", q(&journal));
+    j.push_str("echo $$ >\"$J.pid\"\ntrap '[ $? = 0 ] || { rm -f \"$J.pid\"; mv -f \"$J\" \"$J.failed\" 2>/dev/null || mv -f \"$0\" \"$J.failed\"; }' EXIT\n");
     // Pushed entries are made writable (a directory moved to another
     // parent must be) and the new `current` link is made while what was
-    // pushed and staged is flushed; nothing is renamed before that. Then
+    // pushed and staged, and the journal itself, are flushed. Only then
+    // does the journal take its real name, the one a later deploy rolls
+    // forward: a crash before leaves nothing renamed and nothing to roll
+    // forward, one after finds every byte the journal needs on disk. Then
     // the entries move in the background while the generation is renamed
     // next to the old one; the flip waits for both. (No sync between: the
     // renames and the flip are ordered by the filesystem's journal; the
@@ -432,9 +434,13 @@ pub fn commit(c: &Commit<'_>) -> String {
     let cur_tmp = q(&d.join(".current.punix-tmp"));
     let _ = writeln!(
         j,
-        "if [ -e {cur_tmp} ] || [ -L {cur_tmp} ]; then rm -f {cur_tmp}; fi\nln -s {g} {cur_tmp}\n{sync}\n[ -z \"$pc\" ] || wait \"$pc\"",
+        "if [ -e {cur_tmp} ] || [ -L {cur_tmp} ]; then rm -f {cur_tmp}; fi\nln -s {g} {cur_tmp}\n{sync}\n[ \"$0\" -ef \"$J\" ] || mv -f \"$0\" \"$J\"\n[ -z \"$pc\" ] || wait \"$pc\"",
         g = quote(&gen_name),
     );
+    // Test hook: a one-shot pause once the journal has its real name,
+    // before it renames anything (the request file is consumed, so a
+    // roll-forward of this journal does not pause again).
+    j.push_str("if [ -e \"$J.pause-request\" ]; then rm -f \"$J.pause-request\"; echo paused > \"$J.paused\"; sleep 3600; fi\n");
     if c.pushed.is_some() {
         j.push_str(MOVE_PUSHED);
     }
@@ -469,7 +475,7 @@ pub fn commit(c: &Commit<'_>) -> String {
     // log, which a failure keeps.
     let _ = writeln!(
         j,
-        "rm -rf -- {}\"$0.paused\" \"$0.log\" \"$0\" \"$0.pid\"",
+        "rm -rf -- {}\"$J.paused\" \"$J.log\" \"$J\" \"$J.pid\"",
         c.pushed
             .as_ref()
             .map(|(dir, _)| format!("{} ", q(dir)))
@@ -477,7 +483,8 @@ pub fn commit(c: &Commit<'_>) -> String {
     );
 
     // Run as `sh JOURNAL`: it needs no execute bit.
-    s.push_str(&write_staged(&journal, j.as_bytes(), 0o600));
+    let journal_new = journal.with_extension("sh.new");
+    s.push_str(&write_staged(&journal_new, j.as_bytes(), 0o600));
     // From here on the journal owns the temporaries.
     s.push_str("trap - EXIT\n");
     if c.pause_before_flip {
@@ -492,22 +499,24 @@ pub fn commit(c: &Commit<'_>) -> String {
     // failed when it left `.failed`; one that died half-way (its pid gone,
     // itself still there) is run again by the next deploy.
     let jq = q(&journal);
+    let jn = q(&journal_new);
     let _ = writeln!(
         s,
         r#"J={jq}
 set +e
 if command -v setsid >/dev/null 2>&1; then
-  setsid sh "$J" </dev/null >"$J.log" 2>&1 &
+  setsid sh {jn} </dev/null >"$J.log" 2>&1 &
 else
-  (trap '' HUP; exec sh "$J") </dev/null >"$J.log" 2>&1 &
+  (trap '' HUP; exec sh {jn}) </dev/null >"$J.log" 2>&1 &
 fi
 wait $! 2>/dev/null
 i=0
-while [ -e "$J" ] && [ ! -e "$J.failed" ]; do
+while {{ [ -e "$J" ] || [ -e {jn} ]; }} && [ ! -e "$J.failed" ]; do
   p=
   [ ! -s "$J.pid" ] || read -r p <"$J.pid"
-  if [ -n "$p" ] && ! kill -0 "$p" 2>/dev/null && [ -e "$J" ] && [ ! -e "$J.failed" ]; then
-    echo "the commit journal $J stopped before it finished; the next deploy runs it again" >&2; exit 1
+  if [ -n "$p" ] && ! kill -0 "$p" 2>/dev/null && [ ! -e "$J.failed" ]; then
+    if [ -e "$J" ]; then echo "the commit journal $J stopped before it finished; the next deploy runs it again" >&2; exit 1; fi
+    if [ -e {jn} ]; then echo "the commit journal $J stopped before it changed anything; the target stays on its generation" >&2; exit 1; fi
   fi
   i=$((i+1)); [ "$i" -le {} ] || {{ echo 'the commit journal is still running' >&2; exit 75; }}
   sleep 0.05

@@ -832,6 +832,22 @@ fn old_generation_files_keep_parsing() {
     assert_eq!(conf.bytes().unwrap(), b"verbose = true\nworkers = 4\n");
 }
 
+/// A journal that died before it took its real name (its data was not
+/// known to be on disk) is never run by a later deploy: it is removed.
+#[test]
+fn a_journal_that_never_took_its_name_is_dropped_not_run() {
+    let t = Test::new();
+    stack(&t, "x\\n");
+    deploy(&t, &[]).success();
+    let stale = on_target(&t, "/srv/deploy/Web/.journal-009.sh.new");
+    let marker = on_target(&t, "/srv/deploy/Web/ran");
+    fs::write(&stale, format!("touch '{}'\n", marker.display())).unwrap();
+    let r = deploy(&t, &[]).success();
+    assert!(r.stdout.contains("gen-001 already current"), "{}", r.stdout);
+    assert!(!marker.exists(), "the unnamed journal was run");
+    assert!(!stale.exists(), "the unnamed journal was left behind");
+}
+
 #[test]
 fn a_commit_that_cannot_be_completed_is_reported_not_hidden() {
     let t = Test::new();
