@@ -38,8 +38,12 @@
 # Usage: bash ci/bench/deploy.sh            (as root: the testbed needs it)
 # Environment:
 #   DEPLOY_BENCH_NS          closure sizes (default "10 100 1000"; "10 100" for a quick run)
-#   DEPLOY_BENCH_RUNS        timed unchanged rounds (default 5)
-#   DEPLOY_BENCH_FIRST_RUNS  first-copy rounds (default 5)
+#   DEPLOY_BENCH_RUNS        timed unchanged rounds (default 9)
+#   DEPLOY_BENCH_FIRST_RUNS  first-copy rounds (default 9; rsync's own
+#                            20 ms polls at the end of a transfer, on both
+#                            ends, add 0-40 ms at random to every copy, punix's
+#                            push and the raw rsync alike: medians of 5 moved
+#                            the ratios by +-0.04 from run to run)
 #   DEPLOY_BENCH_DELAY_MS    latency added each way by the relay (default 10)
 #   DEPLOY_BENCH_TIMEOUT     cap in seconds on a nix copy through the relay (default 120)
 #   DEPLOY_BENCH_TARGET_FS   tmpfs (default: the testbed's state dir, and so the
@@ -58,8 +62,8 @@ cd "$(dirname "$0")/../.."
 REPO=$PWD
 
 NS=${DEPLOY_BENCH_NS:-10 100 1000}
-RUNS=${DEPLOY_BENCH_RUNS:-5}
-FIRST_RUNS=${DEPLOY_BENCH_FIRST_RUNS:-5}
+RUNS=${DEPLOY_BENCH_RUNS:-9}
+FIRST_RUNS=${DEPLOY_BENCH_FIRST_RUNS:-9}
 DELAY_MS=${DEPLOY_BENCH_DELAY_MS:-10}
 CAP=${DEPLOY_BENCH_TIMEOUT:-120}
 TARGET_FS=${DEPLOY_BENCH_TARGET_FS:-tmpfs}
