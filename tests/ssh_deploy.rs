@@ -580,7 +580,7 @@ fn systemd_stack(c: &Ctx, version: &str, broken: bool) {
     let body = if broken {
         "echo starting; exit 1".to_string()
     } else {
-        format!("echo running {version}; exec sleep 100000")
+        format!("echo running {version}; exec sleep 10000{version}")
     };
     c.file(
         "pkgs.toml",
@@ -1065,4 +1065,379 @@ fn a_mixed_arch_stack_from_a_binary_cache_deploys_with_no_builder() {
             id = c.id
         ))
         .status();
+}
+
+/// A deploy running in its own process group, so a test can kill -9 it
+/// with every process it started (rsync, ssh), as a crash would.
+struct Running {
+    child: std::process::Child,
+}
+
+impl Running {
+    fn start(c: &Ctx, stack: &str, extra: &[&str], env: &[(&str, &str)]) -> Running {
+        use std::os::unix::process::CommandExt;
+        let mut args: Vec<String> = vec![
+            "service".into(),
+            "deploy".into(),
+            stack.into(),
+            "--file".into(),
+            c.pkgs().display().to_string(),
+            "--unit-dir".into(),
+            c.remote().join("units").display().to_string(),
+        ];
+        args.extend(c.target_args());
+        args.push("--deployments-root".into());
+        args.push(c.remote().join("deployments").display().to_string());
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let mut cmd = c.cmd();
+        cmd.args(&args)
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .process_group(0);
+        Running {
+            child: cmd.spawn().unwrap(),
+        }
+    }
+
+    /// Wait until `done` holds (at most a minute), checking it is alive.
+    fn wait_until(&mut self, what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !done() {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                let mut err = String::new();
+                use std::io::Read;
+                let _ = self.child.stderr.take().unwrap().read_to_string(&mut err);
+                panic!("the deploy ended ({status}) before {what}:\n{err}");
+            }
+            assert!(Instant::now() < deadline, "never: {what}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn kill_9(mut self) {
+        let pgid = self.child.id() as i32;
+        // SAFETY: kill takes plain integers; a negative pid is the group.
+        let r = unsafe { libc::kill(-pgid, libc::SIGKILL) };
+        assert_eq!(r, 0, "cannot kill the deploy's process group");
+        self.child.wait().unwrap();
+    }
+}
+
+/// The entries under the host's store: every one under a final name is
+/// whole (has `built`).
+fn assert_store_whole(c: &Ctx) {
+    let store = c.on_host(&c.store());
+    for e in fs::read_dir(&store).unwrap().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') {
+            continue;
+        }
+        assert!(
+            e.path().join("built").is_file(),
+            "{name} is under its final name on the host without `built`"
+        );
+    }
+}
+
+/// A stack with a 2 MiB package, so a push takes a while on a slow link,
+/// and two config files: `step` goes into all of them.
+fn crash_stack(c: &Ctx, step: &str) {
+    c.file(
+        "pkgs.toml",
+        &format!(
+            r#"
+[package.Blob]
+pname = "blob"
+version = "{step}"
+script = 'mkdir -p "$out/share"; echo {step} > "$out/share/step"; head -c 2097152 /dev/zero > "$out/share/blob"'
+
+[package.App]
+pname = "app"
+version = "1"
+deps = ["Blob"]
+script = '''
+mkdir -p "$out/bin"
+printf '#!/bin/sh\necho app\n' > "$out/bin/app"
+chmod +x "$out/bin/app"
+'''
+"#
+        ),
+    );
+    c.file(
+        "stack.toml",
+        &format!(
+            r#"
+[stack.Web]
+store-modules = ["Blob"]
+
+[[stack.Web.services]]
+name = "app"
+package = "App"
+binary = "app"
+
+[[stack.Web.config-files]]
+path = "{r}/etc/a.conf"
+content = "{step}\n"
+
+[[stack.Web.config-files]]
+path = "{r}/etc/b.conf"
+content = "{step}\n"
+"#,
+            r = c.remote().display()
+        ),
+    );
+}
+
+#[test]
+fn kill_9_at_each_step_over_ssh_leaves_a_whole_generation() {
+    let Some(c) = Ctx::new("kill_9_at_each_step_over_ssh", "h2", "tbdeploy") else {
+        return;
+    };
+    let stack_dir = c.on_host(&c.remote().join("deployments/Web"));
+    let conf = |n: &str| fs::read_to_string(c.on_host(&c.remote().join("etc").join(n))).unwrap();
+    let on = |step: &str| {
+        assert_eq!(conf("a.conf"), format!("{step}\n"));
+        assert_eq!(conf("b.conf"), format!("{step}\n"));
+    };
+    let status = || ok(&c.service("status", "Web", &[]));
+    crash_stack(&c, "s0");
+    ok(&c.service("deploy", "Web", &[]));
+    assert_eq!(c.current("Web").as_deref(), Some("gen-001.json"));
+    on("s0");
+
+    // 1. During the push: rsync is half-way through the 2 MiB file when
+    // punix, rsync and ssh die.
+    crash_stack(&c, "s1");
+    ok(&c
+        .cmd()
+        .args(["build", "--file"])
+        .arg(c.pkgs())
+        .output()
+        .unwrap());
+    let mut run = Running::start(&c, "Web", &[], &[("PUNIX_TEST_BWLIMIT", "256")]);
+    let store = c.on_host(&c.store());
+    run.wait_until("part of the file is on the host", || {
+        fs::read_dir(&store).unwrap().flatten().any(|d| {
+            d.file_name().to_string_lossy().starts_with(".tmp-push-")
+                && fs::read_dir(d.path())
+                    .unwrap()
+                    .flatten()
+                    .any(|e| fs::metadata(e.path().join("share/blob")).is_ok_and(|m| m.len() > 0))
+        })
+    });
+    run.kill_9();
+    assert_eq!(c.current("Web").as_deref(), Some("gen-001.json"));
+    on("s0");
+    assert_store_whole(&c);
+    assert!(status().contains("no drift"));
+    let out = ok(&c.service("deploy", "Web", &[]));
+    assert!(out.contains("gen-002"), "{out}");
+    on("s1");
+    assert_store_whole(&c);
+
+    // 2. During the config writes, punix and the journal both die (the
+    // host crashed): nothing is current but the old generation, and the
+    // first punix to take the lock finishes the journal.
+    crash_stack(&c, "s2");
+    let mut run = Running::start(&c, "Web", &[], &[("PUNIX_TEST_PAUSE", "writes")]);
+    let paused = stack_dir.join(".journal-003.sh.paused");
+    run.wait_until("the journal stopped between two writes", || paused.exists());
+    run.kill_9();
+    let r = c.ssh(&c.user, "pkill -9 -f '[.]journal-003[.]sh'");
+    assert!(r.status.success(), "no journal to kill on the host");
+    assert_eq!(c.current("Web").as_deref(), Some("gen-002.json"));
+    assert_ne!(conf("a.conf"), conf("b.conf"), "stopped between the writes");
+    assert_store_whole(&c);
+    let s = status();
+    assert!(
+        s.contains("an interrupted commit is pending (.journal-003.sh)"),
+        "{s}"
+    );
+    let r = c.service("deploy", "Web", &[]);
+    let out = ok(&r);
+    assert!(
+        String::from_utf8_lossy(&r.stderr)
+            .contains("completed an interrupted commit first: .journal-003.sh"),
+        "{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    assert!(out.contains("gen-003 already current"), "{out}");
+    on("s2");
+
+    // 3. During the config writes only punix dies (a dropped connection):
+    // the journal, detached from the session, finishes on its own.
+    crash_stack(&c, "s3");
+    let mut run = Running::start(&c, "Web", &[], &[("PUNIX_TEST_PAUSE", "writes")]);
+    let paused = stack_dir.join(".journal-004.sh.paused");
+    run.wait_until("the journal stopped between two writes", || paused.exists());
+    run.kill_9();
+    // (On the host: its overlay does not see a change made to its upper
+    // layer from here.)
+    let resume = c.remote().join("deployments/Web/.journal-004.sh.paused");
+    let r = c.ssh(&c.user, &format!("rm {}", resume.display()));
+    assert!(r.status.success());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while stack_dir.join(".journal-004.sh").exists() {
+        assert!(Instant::now() < deadline, "the journal never finished");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(c.current("Web").as_deref(), Some("gen-004.json"));
+    on("s3");
+    assert!(status().contains("no drift"));
+
+    // 4. Between the generation's write and the flip, both die: the old
+    // generation stays current until the next deploy rolls forward.
+    crash_stack(&c, "s4");
+    let mut run = Running::start(&c, "Web", &[], &[("PUNIX_TEST_PAUSE", "flip")]);
+    let paused = stack_dir.join(".journal-005.sh.paused");
+    run.wait_until("the journal stopped before the flip", || paused.exists());
+    run.kill_9();
+    let r = c.ssh(&c.user, "pkill -9 -f '[.]journal-005[.]sh'");
+    assert!(r.status.success(), "no journal to kill on the host");
+    assert!(stack_dir.join("gen-005.json").is_file());
+    assert_eq!(c.current("Web").as_deref(), Some("gen-004.json"));
+    assert_store_whole(&c);
+    let out = ok(&c.service("deploy", "Web", &[]));
+    assert!(out.contains("gen-005 already current"), "{out}");
+    on("s4");
+    let s = status();
+    assert!(s.contains("* gen-005") && s.contains("no drift"), "{s}");
+    // No gaps, no duplicates.
+    let mut gens: Vec<String> = fs::read_dir(&stack_dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("gen-"))
+        .collect();
+    gens.sort();
+    let want: Vec<String> = (1..=5).map(|n| format!("gen-{n:03}.json")).collect();
+    assert_eq!(gens, want);
+}
+
+#[test]
+fn a_deploy_killed_around_its_activation_is_finished_by_the_next_one() {
+    let Some(c) = Ctx::new("a_deploy_killed_around_activation", "sd1", "root") else {
+        return;
+    };
+    let unit = format!("punix-test-{}.service", c.id);
+    let args = |extra: &[&str]| {
+        let mut a: Vec<String> = vec![
+            "service".into(),
+            "deploy".into(),
+            "Svc".into(),
+            "--file".into(),
+            c.pkgs().display().to_string(),
+        ];
+        a.extend(c.target_args());
+        a.push("--deployments-root".into());
+        a.push(c.remote().join("deployments").display().to_string());
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let deploy = |extra: &[&str]| c.cmd().args(args(extra)).output().unwrap();
+    let spawn = |env: (&str, &str)| {
+        use std::os::unix::process::CommandExt;
+        c.cmd()
+            .args(args(&["--activate"]))
+            .env(env.0, env.1)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .spawn()
+            .unwrap()
+    };
+    let kill_group = |mut child: std::process::Child| {
+        // SAFETY: kill takes plain integers; a negative pid is the group.
+        let r = unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+        assert_eq!(r, 0);
+        child.wait().unwrap();
+    };
+    // Which version the unit's process runs (`sleep 10000<version>`).
+    let running = || {
+        let o = c.ssh(
+            "root",
+            &format!(
+                "systemctl is-active {unit} && cat /proc/$(systemctl show -p MainPID --value {unit})/cmdline | tr '\\0' ' '"
+            ),
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let status = || ok(&c.service("status", "Svc", &[]));
+    const PENDING: &str = "an activation never ended";
+
+    systemd_stack(&c, "1", false);
+    ok(&deploy(&["--activate"]));
+    assert!(running().contains("sleep 100001"), "{}", running());
+
+    // Killed after the commit, before the activation: the target is wholly
+    // on gen-002, whose units never restarted.
+    systemd_stack(&c, "2", false);
+    let mut child = spawn(("PUNIX_TEST_PAUSE", "activate"));
+    wait_for_stderr(&mut child, "paused before activate");
+    kill_group(child);
+    assert_eq!(c.current("Svc").as_deref(), Some("gen-002.json"));
+    assert!(running().contains("sleep 100001"), "{}", running());
+    let s = status();
+    assert!(s.contains(PENDING) && s.contains("no drift"), "{s}");
+    // A deploy without --activate says so and changes nothing.
+    let r = deploy(&[]);
+    let out = ok(&r);
+    assert!(out.contains("gen-002 already current"), "{out}");
+    assert!(
+        String::from_utf8_lossy(&r.stderr).contains("never ended"),
+        "{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    // With --activate it finishes the activation.
+    let out = ok(&deploy(&["--activate"]));
+    assert!(out.contains("restarted punix-test-"), "{out}");
+    assert!(running().contains("sleep 100002"), "{}", running());
+    assert!(!status().contains(PENDING));
+    let out = ok(&deploy(&["--activate"]));
+    assert!(out.contains("already current"), "{out}");
+
+    // A broken version, killed while its activation runs (the restart is
+    // detached on the host and may have happened): the next deploy with
+    // --activate restarts it, finds it failing and rolls back to gen-002.
+    systemd_stack(&c, "3", true);
+    let mut child = spawn(("PUNIX_TRACE_TIMES", "1"));
+    wait_for_stderr(&mut child, " committed");
+    std::thread::sleep(Duration::from_millis(300));
+    kill_group(child);
+    assert_eq!(c.current("Svc").as_deref(), Some("gen-003.json"));
+    assert!(status().contains(PENDING));
+    let err = fails(&deploy(&["--activate"]), 3);
+    assert!(
+        err.contains("activation failed")
+            && err.contains("rolled back to gen-002, whose units are active again"),
+        "{err}"
+    );
+    assert_eq!(c.current("Svc").as_deref(), Some("gen-002.json"));
+    assert!(running().contains("sleep 100002"), "{}", running());
+    let s = status();
+    assert!(!s.contains(PENDING) && s.contains("no drift"), "{s}");
+    let stack_dir = c.on_host(&c.remote().join("deployments/Svc"));
+    assert!(stack_dir.join("gen-003.failed.json").is_file());
+
+    let _ = c.ssh(
+        "root",
+        &format!("systemctl disable --now {unit}; rm -f /etc/systemd/system/{unit}; systemctl daemon-reload"),
+    );
+}
+
+/// Read a child's standard error until a line holds `needle`.
+fn wait_for_stderr(child: &mut std::process::Child, needle: &str) {
+    use std::io::{BufRead, BufReader};
+    let mut reader = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if reader.read_line(&mut line).unwrap() == 0 {
+            panic!("punix ended before `{needle}`");
+        }
+        if line.contains(needle) {
+            return;
+        }
+    }
 }

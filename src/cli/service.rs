@@ -374,6 +374,11 @@ pub fn run(cx: &Context, cmd: ServiceCommand) -> Result<(), Error> {
                     "  an interrupted commit is pending ({r}); the next deploy or rollback completes it"
                 );
             }
+            if report.activation_pending {
+                println!(
+                    "  an activation never ended: the running units may not match the current generation; a deploy or rollback with --activate restarts them all"
+                );
+            }
             if report.drifted_files.is_empty()
                 && report.missing_paths.is_empty()
                 && report.missing_files.is_empty()
@@ -408,6 +413,12 @@ fn print_report(r: &DeployReport, json: bool, verb: &str) {
         .unwrap_or_else(|| "no generation".into());
     for rf in &r.rolled_forward {
         eprintln!("completed an interrupted commit first: {rf}");
+    }
+    if r.activation_pending {
+        eprintln!(
+            "note: an earlier --activate on {} never ended, so the running units may not match {gen_name}: run this again with --activate to restart them all",
+            r.target
+        );
     }
     for jf in &r.journals_failed {
         eprintln!(

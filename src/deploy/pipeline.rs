@@ -73,6 +73,10 @@ pub struct DeployReport {
     pub units_stopped: Vec<String>,
     pub activated: bool,
     pub rolled_forward: Vec<String>,
+    /// An earlier `--activate` never ended (punix was stopped during it):
+    /// the running units may not match the current generation. A deploy
+    /// or rollback with `--activate` restarts them all.
+    pub activation_pending: bool,
     /// Interrupted commits that could not be completed (kept as
     /// `.failed` next to their log); this deploy rewrote what differs.
     pub journals_failed: Vec<String>,
@@ -103,6 +107,17 @@ fn pause_if_requested(step: &str) {
             return;
         }
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Test hook: `PUNIX_TEST_PAUSE=writes|flip` stops the commit journal on
+/// the target (see [`remote::JournalPause`]) until `.journal-NNN.sh.paused`
+/// is removed.
+fn journal_pause() -> Option<remote::JournalPause> {
+    match std::env::var("PUNIX_TEST_PAUSE").as_deref() {
+        Ok("writes") => Some(remote::JournalPause::Writes),
+        Ok("flip") => Some(remote::JournalPause::Flip),
+        _ => None,
     }
 }
 
@@ -639,12 +654,17 @@ fn deploy_realised(
         .is_some_and(|c| c.content_id == generation.content_id);
     let cur_number = current.as_ref().map(|c| c.number);
 
+    // An activation that never ended: this one restarts every unit.
+    let pending = st.activate_pending.as_ref().filter(|_| opts.activate);
+    report.activation_pending = st.activate_pending.is_some() && !opts.activate;
     report.pushed = st.missing.len();
     report.cached = closure.len() - st.missing.len();
     report.files_written = writes.iter().map(|i| desired[*i].path.clone()).collect();
     report.files_removed = removes.clone();
 
-    if same_content && st.missing.is_empty() && writes.is_empty() && removes.is_empty() {
+    let nothing_to_write =
+        same_content && st.missing.is_empty() && writes.is_empty() && removes.is_empty();
+    if nothing_to_write && pending.is_none() {
         report.unchanged = true;
         report.generation = cur_number;
         report.plan.push(format!(
@@ -694,13 +714,22 @@ fn deploy_realised(
             "write {} and switch current to it",
             Generation::file_name(number)
         ));
-    } else {
+    } else if !nothing_to_write {
         report.plan.push(format!(
             "repair drift; {} stays current",
             Generation::file_name(number)
         ));
     }
-    let (stop, restart) = unit_changes(current.as_ref(), &generation, &desired, &writes);
+    let (stop, restart) = match pending {
+        Some(ran) => restart_all(ran, current.as_ref(), &generation),
+        None => unit_changes(current.as_ref(), &generation, &desired, &writes),
+    };
+    if pending.is_some() {
+        report.plan.push(format!(
+            "finish the activation that never ended: restart every unit of {}",
+            Generation::file_name(number)
+        ));
+    }
     if opts.activate {
         report.plan.push(format!(
             "activate: daemon-reload; restart {}; stop {}",
@@ -715,49 +744,52 @@ fn deploy_realised(
         return Ok(report);
     }
 
-    // Push.
-    let pushed = if st.missing.is_empty() {
-        None
-    } else {
-        pause_if_requested("push");
-        let dir = push_dir;
-        crate::trace::mark("push starts");
-        let stats = t.push(store.root(), &st.missing, &dir)?;
-        crate::trace::mark("push done");
-        report.bytes_sent = stats.bytes_sent;
-        Some((dir, st.missing.clone()))
-    };
+    // Push and commit (nothing to do when only an activation is left).
+    if !nothing_to_write {
+        let pushed = if st.missing.is_empty() {
+            None
+        } else {
+            pause_if_requested("push");
+            let dir = push_dir;
+            crate::trace::mark("push starts");
+            let stats = t.push(store.root(), &st.missing, &dir)?;
+            crate::trace::mark("push done");
+            report.bytes_sent = stats.bytes_sent;
+            Some((dir, st.missing.clone()))
+        };
 
-    // Commit.
-    pause_if_requested("commit");
-    let gen_json = generation.to_json();
-    let trim = if report.new_generation {
-        trim_list(&st.generations, number)
-    } else {
-        Vec::new()
-    };
-    let commit = Commit {
-        layout: &lay,
-        number,
-        generation_json: report.new_generation.then_some(gen_json.as_bytes()),
-        pushed,
-        writes: writes
-            .iter()
-            .map(|i| Write {
-                path: t.rebase(&desired[*i].path),
-                bytes: &desired[*i].bytes,
-                mode: desired[*i].mode,
-            })
-            .collect(),
-        removes: removes.iter().map(|r| t.rebase(r)).collect(),
-        trim,
-        pause_before_flip: pause_requested("flip"),
-        wait_secs: opts.timeout.as_secs().max(1),
-    };
-    // From here on the commit script cleans up after itself.
-    push_cleanup.dir = None;
-    t.run_checked("commit", &remote::commit(&commit), opts.timeout)?;
-    crate::trace::mark("committed");
+        // Commit.
+        pause_if_requested("commit");
+        let gen_json = generation.to_json();
+        let trim = if report.new_generation {
+            trim_list(&st.generations, number)
+        } else {
+            Vec::new()
+        };
+        let commit = Commit {
+            layout: &lay,
+            number,
+            generation_json: report.new_generation.then_some(gen_json.as_bytes()),
+            pushed,
+            writes: writes
+                .iter()
+                .map(|i| Write {
+                    path: t.rebase(&desired[*i].path),
+                    bytes: &desired[*i].bytes,
+                    mode: desired[*i].mode,
+                })
+                .collect(),
+            removes: removes.iter().map(|r| t.rebase(r)).collect(),
+            trim,
+            pause: journal_pause(),
+            activate_from: opts.activate.then(|| units_of(current.as_ref())),
+            wait_secs: opts.timeout.as_secs().max(1),
+        };
+        // From here on the commit script cleans up after itself.
+        push_cleanup.dir = None;
+        t.run_checked("commit", &remote::commit(&commit), opts.timeout)?;
+        crate::trace::mark("committed");
+    }
     report.generation = Some(number);
 
     // Activate.
@@ -777,11 +809,23 @@ fn deploy_realised(
             opts.timeout,
         )?;
         report.activated = true;
-        if !failed.is_empty() {
+        if failed.is_empty() {
+            activation_ended(t, &stack_dir, opts.timeout)?;
+        } else {
             let logs = unit_logs(t, &failed, opts.timeout);
-            let outcome = match (opts.no_rollback, cur_number) {
-                (true, _) => "the failed generation stays current (--no-rollback)".to_string(),
-                (false, Some(prev)) if prev != number => {
+            // The generation to go back to: the one this deploy replaced,
+            // or, when it only finished an activation, the one before.
+            let prev = if report.new_generation {
+                cur_number
+            } else {
+                st.generations.iter().copied().filter(|n| *n < number).max()
+            };
+            let outcome = match (opts.no_rollback, prev) {
+                (true, _) => {
+                    activation_ended(t, &stack_dir, opts.timeout)?;
+                    "the failed generation stays current (--no-rollback)".to_string()
+                }
+                (false, Some(prev)) => {
                     let ro = RollbackOptions {
                         stack: stack.name.clone(),
                         store_root: opts.store_root.clone(),
@@ -794,7 +838,9 @@ fn deploy_realised(
                     };
                     let prev_name = gen_label(prev);
                     let outcome = match rollback_locked(t, &ro, probe) {
-                        Ok(_) => format!("rolled back to {prev_name}, whose units are active again"),
+                        Ok(_) => {
+                            format!("rolled back to {prev_name}, whose units are active again")
+                        }
                         Err(e) => format!(
                             "rolled back to {prev_name}, but it did not come up either: {}",
                             e.to_string().lines().next().unwrap_or_default()
@@ -814,8 +860,11 @@ fn deploy_realised(
                     );
                     outcome
                 }
-                _ => "there is no earlier generation to roll back to, so the failed one stays current"
-                    .to_string(),
+                (false, None) => {
+                    activation_ended(t, &stack_dir, opts.timeout)?;
+                    "there is no earlier generation to roll back to, so the failed one stays current"
+                        .to_string()
+                }
             };
             return Err(DeployError::ActivationFailed {
                 target: t.name(),
@@ -989,6 +1038,47 @@ fn unit_changes(
         }
     }
     (stop, restart.into_iter().collect())
+}
+
+/// The units of a generation (none without one).
+fn units_of(g: Option<&Generation>) -> Vec<String> {
+    g.map(|g| g.services.iter().map(|s| s.unit.clone()).collect())
+        .unwrap_or_default()
+}
+
+/// (stop, restart) when an earlier activation never ended: which of its
+/// units run which version is unknown, so every unit of `next` restarts,
+/// and every unit that ran before it (`ran`) or is in `current` but not
+/// in `next` stops.
+fn restart_all(
+    ran: &[String],
+    current: Option<&Generation>,
+    next: &Generation,
+) -> (Vec<String>, Vec<String>) {
+    let restart: BTreeSet<String> = units_of(Some(next)).into_iter().collect();
+    let stop: BTreeSet<String> = ran
+        .iter()
+        .cloned()
+        .chain(units_of(current))
+        .filter(|u| !restart.contains(u))
+        .collect();
+    (stop.into_iter().collect(), restart.into_iter().collect())
+}
+
+/// The activation ended (its outcome is known and reported): the next one
+/// need not restart every unit.
+fn activation_ended(
+    t: &dyn Transport,
+    stack_dir: &Path,
+    timeout: Duration,
+) -> Result<(), DeployError> {
+    let marker = t.rebase(&stack_dir.join(remote::ACTIVATE_PENDING));
+    t.run_checked(
+        "activation record",
+        &format!("rm -f {}", crate::transport::script::quote_path(&marker)),
+        timeout,
+    )?;
+    Ok(())
 }
 
 /// Run the activation; returns the units that are not active.
@@ -1349,7 +1439,8 @@ fn rollback_locked(
             .collect(),
         removes: removes.iter().map(|r| t.rebase(r)).collect(),
         trim: Vec::new(),
-        pause_before_flip: false,
+        pause: None,
+        activate_from: opts.activate.then(|| units_of(Some(&current))),
         wait_secs: opts.timeout.as_secs().max(1),
     };
     t.run_checked("commit", &remote::commit(&commit), opts.timeout)?;
@@ -1364,6 +1455,7 @@ fn rollback_locked(
         store_root: opts.store_root.clone(),
         deployments_root: dep_root.clone(),
         cached: names.len(),
+        activation_pending: st.activate_pending.is_some() && !opts.activate,
         ..DeployReport::default()
     };
     report.plan.push(format!(
@@ -1386,7 +1478,10 @@ fn rollback_locked(
                 service: f.service.clone(),
             })
             .collect();
-        let (stop, restart) = unit_changes(Some(&current), &target_gen, &desired, &writes_idx);
+        let (stop, restart) = match &st.activate_pending {
+            Some(ran) => restart_all(ran, Some(&current), &target_gen),
+            None => unit_changes(Some(&current), &target_gen, &desired, &writes_idx),
+        };
         let units: Vec<String> = target_gen.services.iter().map(|s| s.unit.clone()).collect();
         let failed = activate_with(
             t,
@@ -1401,6 +1496,7 @@ fn rollback_locked(
         report.activated = true;
         report.units_restarted = restart;
         report.units_stopped = stop;
+        activation_ended(t, &stack_dir, opts.timeout)?;
         if !failed.is_empty() {
             let logs = unit_logs(t, &failed, opts.timeout);
             return Err(DeployError::ActivationFailed {
@@ -1439,6 +1535,9 @@ pub struct StatusReport {
     pub missing_files: Vec<String>,
     /// Interrupted commits that the next deploy or rollback completes.
     pub pending_journals: Vec<String>,
+    /// An `--activate` that never ended: the running units may not match
+    /// the current generation.
+    pub activation_pending: bool,
     /// Store paths of the current generation missing on the target.
     pub missing_paths: Vec<String>,
     pub rolled_forward: Vec<String>,
@@ -1471,6 +1570,7 @@ pub fn status(
         drifted_files: Vec::new(),
         missing_files: Vec::new(),
         pending_journals: st.pending_journals.clone(),
+        activation_pending: st.activate_pending.is_some(),
         missing_paths: Vec::new(),
         rolled_forward: st.rolled_forward.clone(),
     };
@@ -1660,6 +1760,31 @@ mod tests {
         // A rollback made 2 live: it is never trimmed.
         let existing: Vec<u64> = (1..=11).collect();
         assert_eq!(trim_list(&existing, 2), vec![1]);
+    }
+
+    fn with_units(units: &[&str]) -> Generation {
+        let services: Vec<serde_json::Value> = units
+            .iter()
+            .map(|u| {
+                serde_json::json!({"name": u, "package": "P", "store_path": "/s/p",
+                    "binary": "b", "unit": format!("{u}.service")})
+            })
+            .collect();
+        serde_json::from_value(serde_json::json!({"number": 1, "stack": "S",
+            "created": "t", "store_paths": [], "services": services, "content_id": ""}))
+        .unwrap()
+    }
+
+    #[test]
+    fn an_unended_activation_restarts_every_unit_and_stops_the_ones_that_left() {
+        let current = with_units(&["a", "b"]);
+        let next = with_units(&["a", "c"]);
+        let ran = vec!["old.service".to_string(), "a.service".to_string()];
+        let (stop, restart) = restart_all(&ran, Some(&current), &next);
+        assert_eq!(restart, vec!["a.service", "c.service"]);
+        assert_eq!(stop, vec!["b.service", "old.service"]);
+        let (stop, restart) = restart_all(&[], None, &next);
+        assert_eq!((stop.len(), restart.len()), (0, 2));
     }
 }
 

@@ -182,6 +182,13 @@ if [ -L "$D/current" ]; then
 fi
 "#,
     );
+    let _ = writeln!(
+        s,
+        r#"if [ -f "$D/{ACTIVATE_PENDING}" ]; then
+  echo activate-pending
+  while IFS= read -r u; do [ -z "$u" ] || printf 'was-running %s\n' "$u"; done <"$D/{ACTIVATE_PENDING}"
+fi"#
+    );
     for (i, f) in files.iter().enumerate() {
         for p in &f.parents {
             let _ = writeln!(s, "[ ! -L {p} ] || printf 'unsafe {i} %s\\n' {p}", p = q(p));
@@ -222,6 +229,9 @@ pub struct State {
     /// The store root does not exist: every path asked about is missing
     /// (see [`State::with_names`]).
     pub store_absent: bool,
+    /// An `--activate` that has not ended: the units that ran before it
+    /// (see [`ACTIVATE_PENDING`]).
+    pub activate_pending: Option<Vec<String>>,
     /// Per watched file: (sha256 or state word, mode).
     pub files: Vec<(String, String)>,
     /// (file index, symlinked parent)
@@ -281,6 +291,13 @@ impl State {
                 "current" => st.current = Some(rest.to_string()),
                 "current-json-begin" => in_json = true,
                 "missing" => st.missing.push(rest.to_string()),
+                "activate-pending" => st.activate_pending = Some(Vec::new()),
+                "was-running" => {
+                    let units = st.activate_pending.get_or_insert_with(Vec::new);
+                    if !units.iter().any(|u| u == rest) {
+                        units.push(rest.to_string());
+                    }
+                }
                 "store-absent" => st.store_absent = true,
                 "file" => {
                     let mut it = rest.split(' ');
@@ -345,11 +362,48 @@ pub struct Commit<'a> {
     pub removes: Vec<PathBuf>,
     /// Generation numbers to delete after the flip.
     pub trim: Vec<u64>,
-    /// Test hook: the journal stops (sleeps) before the flip.
-    pub pause_before_flip: bool,
+    /// Test hook: where the journal stops until `$J.paused` is removed.
+    pub pause: Option<JournalPause>,
+    /// `--activate`: the units of the generation being replaced, which
+    /// may still run until the activation ends (see [`ACTIVATE_PENDING`]).
+    pub activate_from: Option<Vec<String>>,
     /// How long to wait for the journal.
     pub wait_secs: u64,
 }
+
+/// Test hook: a point inside the commit journal where it stops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JournalPause {
+    /// After the first config file took its place.
+    Writes,
+    /// With everything in place but `current` not yet flipped.
+    Flip,
+}
+
+impl JournalPause {
+    fn word(self) -> &'static str {
+        match self {
+            JournalPause::Writes => "writes",
+            JournalPause::Flip => "flip",
+        }
+    }
+
+    /// One-shot: the request file is consumed, so a roll-forward of the
+    /// journal does not stop again.
+    fn hook(self) -> String {
+        format!(
+            "if [ -e \"$J.pause-request\" ]; then rm -f \"$J.pause-request\"; echo {w} > \"$J.paused\"; while [ -e \"$J.paused\" ]; do sleep 0.05; done; fi\n",
+            w = self.word()
+        )
+    }
+}
+
+/// The file, in the stack directory, that says an `--activate` has not
+/// ended: it lists (a line each) the units that ran before it, so the
+/// next activation restarts every unit of the current generation and
+/// stops those that left it. The commit writes it before the flip; only
+/// the end of an activation removes it.
+pub const ACTIVATE_PENDING: &str = ".activate-pending";
 
 fn staged_name(path: &Path, number: u64) -> PathBuf {
     let name = path
@@ -437,10 +491,6 @@ pub fn commit(c: &Commit<'_>) -> String {
         "if [ -e {cur_tmp} ] || [ -L {cur_tmp} ]; then rm -f {cur_tmp}; fi\nln -s {g} {cur_tmp}\n{sync}\n[ \"$0\" -ef \"$J\" ] || mv -f \"$0\" \"$J\"\n[ -z \"$pc\" ] || wait \"$pc\"",
         g = quote(&gen_name),
     );
-    // Test hook: a one-shot pause once the journal has its real name,
-    // before it renames anything (the request file is consumed, so a
-    // roll-forward of this journal does not pause again).
-    j.push_str("if [ -e \"$J.pause-request\" ]; then rm -f \"$J.pause-request\"; echo paused > \"$J.paused\"; sleep 3600; fi\n");
     if c.pushed.is_some() {
         j.push_str(MOVE_PUSHED);
     }
@@ -449,12 +499,27 @@ pub fn commit(c: &Commit<'_>) -> String {
         let _ = writeln!(j, "[ ! -e {t} ] || mv -f {t} {}", q(&d.join(&gen_name)));
     }
     j.push_str("[ -z \"$pm\" ] || wait \"$pm\"\n");
-    for w in &c.writes {
+    for (i, w) in c.writes.iter().enumerate() {
         let t = q(&staged_name(&w.path, c.number));
         let _ = writeln!(j, "[ ! -e {t} ] || mv -f {t} {}", q(&w.path));
+        if i == 0 && c.pause == Some(JournalPause::Writes) {
+            j.push_str(&JournalPause::Writes.hook());
+        }
     }
     for r in &c.removes {
         let _ = writeln!(j, "rm -f {}", q(r));
+    }
+    if let Some(units) = &c.activate_from {
+        // Kept from an activation that never ended: its units may run too.
+        let p = q(&d.join(ACTIVATE_PENDING));
+        let _ = writeln!(
+            j,
+            "{{ [ ! -f {p} ] || cat {p}; printf '%s\\n' {}; }} >{p}.tmp\nmv -f {p}.tmp {p}",
+            words(units.iter().map(String::as_str))
+        );
+    }
+    if c.pause == Some(JournalPause::Flip) {
+        j.push_str(&JournalPause::Flip.hook());
     }
     // The flip, then the moved entries made read-only while it is synced.
     let _ = writeln!(
@@ -487,7 +552,7 @@ pub fn commit(c: &Commit<'_>) -> String {
     s.push_str(&write_staged(&journal_new, j.as_bytes(), 0o600));
     // From here on the journal owns the temporaries.
     s.push_str("trap - EXIT\n");
-    if c.pause_before_flip {
+    if c.pause.is_some() {
         let _ = writeln!(
             s,
             "echo > {}",
@@ -746,6 +811,22 @@ pub fn unit_logs(units: &[String]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_activation_that_never_ended_lists_each_unit_once() {
+        let out = "gen gen-001.json\nactivate-pending\nwas-running a.service\nwas-running b c.service\nwas-running a.service\n";
+        let st = State::parse(out, 0);
+        assert_eq!(
+            st.activate_pending,
+            Some(vec!["a.service".to_string(), "b c.service".to_string()])
+        );
+        // Present but empty: still pending (the generation before had no units).
+        assert_eq!(
+            State::parse("activate-pending\n", 0).activate_pending,
+            Some(vec![])
+        );
+        assert_eq!(State::parse("gen gen-001.json\n", 0).activate_pending, None);
+    }
 
     #[test]
     fn unit_health_is_read_from_systemctl_show() {

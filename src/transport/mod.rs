@@ -447,6 +447,10 @@ fn run_rsync_limited(
     for n in names {
         check_entry_name(n)?;
     }
+    // Test hook: a slow link, so a test can stop a push half-way.
+    if let Ok(kbps) = std::env::var("PUNIX_TEST_BWLIMIT") {
+        cmd.arg(format!("--bwlimit={kbps}"));
+    }
     let mut list = Vec::new();
     let prefix = local_store.as_os_str().len() + 1;
     if names.iter().map(|n| prefix + n.len() + 1).sum::<usize>() <= max_arg_bytes {

@@ -55,7 +55,11 @@ impl Host {
     }
 
     /// Where the host's absolute path `path` is visible on this machine.
+    /// (The host's `/tmp` is a bind of the `tmp` next to its upper layer.)
     pub fn local_path(&self, path: &Path) -> PathBuf {
+        if let (Ok(rest), Some(h)) = (path.strip_prefix("/tmp"), self.fs.parent()) {
+            return h.join("tmp").join(rest);
+        }
         self.fs.join(path.strip_prefix("/").unwrap_or(path))
     }
 }
