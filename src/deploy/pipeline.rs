@@ -1772,7 +1772,7 @@ mod tests {
             .collect();
         serde_json::from_value(serde_json::json!({"number": 1, "stack": "S",
             "created": "t", "store_paths": [], "services": services, "content_id": ""}))
-        .unwrap()
+        .expect("a generation")
     }
 
     #[test]
