@@ -86,17 +86,35 @@ impl Ctx {
         ]
     }
 
-    fn service(&self, cmd: &str, stack: &str, extra: &[&str]) -> Output {
+    /// `service CMD STACK` against this test's host and deployments root;
+    /// recipes from `file`, and units under the test's remote dir with
+    /// `units` (else the default unit directory).
+    fn service_args(
+        &self,
+        cmd: &str,
+        stack: &str,
+        file: Option<&Path>,
+        units: bool,
+    ) -> Vec<String> {
         let mut args: Vec<String> = vec!["service".into(), cmd.into(), stack.into()];
-        if cmd == "deploy" {
+        if let Some(f) = file {
             args.push("--file".into());
-            args.push(self.pkgs().display().to_string());
+            args.push(f.display().to_string());
+        }
+        if units {
             args.push("--unit-dir".into());
             args.push(self.remote().join("units").display().to_string());
         }
         args.extend(self.target_args());
         args.push("--deployments-root".into());
         args.push(self.remote().join("deployments").display().to_string());
+        args
+    }
+
+    fn service(&self, cmd: &str, stack: &str, extra: &[&str]) -> Output {
+        let deploy = cmd == "deploy";
+        let mut args =
+            self.service_args(cmd, stack, deploy.then(|| self.pkgs()).as_deref(), deploy);
         args.extend(extra.iter().map(|s| s.to_string()));
         self.cmd().args(&args).output().unwrap()
     }
@@ -345,16 +363,7 @@ fn an_unwritable_store_root_is_reported_before_pushing() {
     simple_stack(&c, "x\\n");
     // Build locally into a store at /root/...: tbdeploy cannot write there.
     let store = PathBuf::from(format!("/root/punix-ssh-{}/store", c.id));
-    let mut args: Vec<String> = vec![
-        "service".into(),
-        "deploy".into(),
-        "Web".into(),
-        "--file".into(),
-        c.pkgs().display().to_string(),
-    ];
-    args.extend(c.target_args());
-    args.push("--deployments-root".into());
-    args.push(c.remote().join("deployments").display().to_string());
+    let args = c.service_args("deploy", "Web", Some(&c.pkgs()), false);
     // A dry run finds it too, and creates nothing.
     let dry = c
         .cmd()
@@ -509,20 +518,8 @@ fn concurrent_deploys_over_ssh_are_serialised() {
     )
     .unwrap();
     let spawn = |dir: &Path| {
-        let mut args: Vec<String> = vec![
-            "service".into(),
-            "deploy".into(),
-            "Web".into(),
-            "--file".into(),
-            dir.display().to_string(),
-            "--unit-dir".into(),
-            c.remote().join("units").display().to_string(),
-        ];
-        args.extend(c.target_args());
-        args.push("--deployments-root".into());
-        args.push(c.remote().join("deployments").display().to_string());
         c.cmd()
-            .args(&args)
+            .args(c.service_args("deploy", "Web", Some(dir), true))
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -613,19 +610,12 @@ fn activation_with_real_systemd_and_automatic_rollback() {
     };
     let unit = format!("punix-test-{}.service", c.id);
     let deploy = |extra: &[&str]| {
-        let mut args: Vec<String> = vec![
-            "service".into(),
-            "deploy".into(),
-            "Svc".into(),
-            "--file".into(),
-            c.pkgs().display().to_string(),
-            "--activate".into(),
-        ];
-        args.extend(c.target_args());
-        args.push("--deployments-root".into());
-        args.push(c.remote().join("deployments").display().to_string());
-        args.extend(extra.iter().map(|s| s.to_string()));
-        c.cmd().args(&args).output().unwrap()
+        c.cmd()
+            .args(c.service_args("deploy", "Svc", Some(&c.pkgs()), false))
+            .arg("--activate")
+            .args(extra)
+            .output()
+            .unwrap()
     };
     let is_active = || {
         let o = c.ssh("root", &format!("systemctl is-active {unit}"));
@@ -684,15 +674,8 @@ fn activation_with_real_systemd_and_automatic_rollback() {
     systemd_stack(&c, "4", false);
     let out = ok(&deploy(&[]));
     assert!(out.contains("gen-004"), "{out}");
-    let mut rb: Vec<String> = vec![
-        "service".into(),
-        "rollback".into(),
-        "Svc".into(),
-        "--activate".into(),
-    ];
-    rb.extend(c.target_args());
-    rb.push("--deployments-root".into());
-    rb.push(c.remote().join("deployments").display().to_string());
+    let mut rb = c.service_args("rollback", "Svc", None, false);
+    rb.push("--activate".into());
     let out = ok(&c.cmd().args(&rb).output().unwrap());
     assert!(out.contains("rolled back to gen-002"), "{out}");
     assert_eq!(is_active(), "active");
@@ -1068,21 +1051,9 @@ struct Running {
 impl Running {
     fn start(c: &Ctx, stack: &str, extra: &[&str], env: &[(&str, &str)]) -> Running {
         use std::os::unix::process::CommandExt;
-        let mut args: Vec<String> = vec![
-            "service".into(),
-            "deploy".into(),
-            stack.into(),
-            "--file".into(),
-            c.pkgs().display().to_string(),
-            "--unit-dir".into(),
-            c.remote().join("units").display().to_string(),
-        ];
-        args.extend(c.target_args());
-        args.push("--deployments-root".into());
-        args.push(c.remote().join("deployments").display().to_string());
-        args.extend(extra.iter().map(|s| s.to_string()));
         let mut cmd = c.cmd();
-        cmd.args(&args)
+        cmd.args(c.service_args("deploy", stack, Some(&c.pkgs()), true))
+            .args(extra)
             .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -1314,16 +1285,7 @@ fn a_deploy_killed_around_its_activation_is_finished_by_the_next_one() {
     };
     let unit = format!("punix-test-{}.service", c.id);
     let args = |extra: &[&str]| {
-        let mut a: Vec<String> = vec![
-            "service".into(),
-            "deploy".into(),
-            "Svc".into(),
-            "--file".into(),
-            c.pkgs().display().to_string(),
-        ];
-        a.extend(c.target_args());
-        a.push("--deployments-root".into());
-        a.push(c.remote().join("deployments").display().to_string());
+        let mut a = c.service_args("deploy", "Svc", Some(&c.pkgs()), false);
         a.extend(extra.iter().map(|s| s.to_string()));
         a
     };
