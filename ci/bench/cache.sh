@@ -39,7 +39,8 @@ if ! [[ $MIB =~ ^[0-9]+$ ]] || [ "$MIB" -lt 32 ]; then
     exit 2
 fi
 
-log() { echo "cache.sh: $*" >&2; }
+BENCH_NAME=cache.sh
+. ci/bench/lib.sh
 
 # --- tools -----------------------------------------------------------------
 need=()
@@ -224,8 +225,6 @@ measure() { # key
     T[$k]+=" $(awk -v a="$t0" -v b="$t1" 'BEGIN {printf "%.3f", b - a}')"
 }
 
-median() { tr ' ' '\n' | grep . | sort -g | awk '{v[NR] = $1} END {m = int((NR + 1) / 2); if (NR % 2) print v[m]; else printf "%.3f\n", (v[m] + v[m + 1]) / 2}'; }
-minmax() { tr ' ' '\n' | grep . | sort -g | awk 'NR == 1 {lo = $1} {hi = $1} END {printf "%s–%s", lo, hi}'; }
 
 started=$(date -u '+%Y-%m-%d %H:%M UTC')
 load_before=$(cut -d' ' -f1-3 /proc/loadavg)

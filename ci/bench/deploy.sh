@@ -68,11 +68,8 @@ DELAY_MS=${DEPLOY_BENCH_DELAY_MS:-10}
 CAP=${DEPLOY_BENCH_TIMEOUT:-120}
 TARGET_FS=${DEPLOY_BENCH_TARGET_FS:-tmpfs}
 
-log() { echo "deploy.sh: $*" >&2; }
-die() {
-    log "$*"
-    exit 1
-}
+BENCH_NAME=deploy.sh
+. ci/bench/lib.sh
 for n in $NS; do
     [[ $n =~ ^[0-9]+$ ]] && [ "$n" -ge 1 ] || die "DEPLOY_BENCH_NS must list whole numbers >= 1, not \`$NS\`"
 done
@@ -254,9 +251,6 @@ run_nixssh() {
         --to "ssh://root@$R_HOST?remote-store=local?root=$R_NIXSSH" "$(cat "$D/nix-top")" 2>"$WORK/nix.err"
 }
 
-median() { tr ' ' '\n' | grep . | sort -g | awk '{v[NR] = $1} END {m = int((NR + 1) / 2); if (NR % 2) print v[m]; else printf "%.4f\n", (v[m] + v[m + 1]) / 2}'; }
-minmax() { tr ' ' '\n' | grep . | sort -g | awk 'NR == 1 {lo = $1} {hi = $1} END {printf "%s–%s", lo, hi}'; }
-maxof() { tr ' ' '\n' | grep . | sort -g | tail -n1; }
 json_num() { grep -o "\"$1\":[0-9.]*" "$WORK/punix.json" | head -n1 | cut -d: -f2; }
 
 # Run one command, record its seconds and new SSH connections under key

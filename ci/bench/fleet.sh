@@ -48,11 +48,8 @@ NPKG=${FLEET_BENCH_PACKAGES:-20}
 RUNS=${FLEET_BENCH_RUNS:-3}
 SEQ=${FLEET_BENCH_SEQUENTIAL:-1}
 
-log() { echo "fleet.sh: $*" >&2; }
-die() {
-    log "$*"
-    exit 1
-}
+BENCH_NAME=fleet.sh
+. ci/bench/lib.sh
 [ -n "${SIZES// /}" ] || die "FLEET_BENCH_SIZES is empty"
 for k in $SIZES; do
     [[ $k =~ ^[0-9]+$ ]] && [ "$k" -ge 1 ] && [ "$k" -le 9 ] || die "FLEET_BENCH_SIZES must list whole numbers 1..9, not \`$SIZES\`"
@@ -206,9 +203,6 @@ for r in reports:
     print(r["target"], c["connections"], c["round_trips"], r["seconds"])
 EOF_PY
 
-median() { tr ' ' '\n' | grep . | sort -g | awk '{v[NR] = $1} END {m = int((NR + 1) / 2); if (NR % 2) print v[m]; else printf "%.4f\n", (v[m] + v[m + 1]) / 2}'; }
-minmax() { tr ' ' '\n' | grep . | sort -g | awk 'NR == 1 {lo = $1} {hi = $1} END {if (lo == hi) print lo; else printf "%s–%s", lo, hi}'; }
-maxof() { tr ' ' '\n' | grep . | sort -g | tail -n1; }
 load1() { cut -d' ' -f1 /proc/loadavg; }
 # Busy and total jiffies of all CPUs, for the machine's CPU use during a run.
 cpu_stat() { awk '/^cpu / {b = $2 + $3 + $4 + $7 + $8 + $9; print b, b + $5 + $6}' /proc/stat; }

@@ -31,7 +31,8 @@ if ! [[ $MIB =~ ^[0-9]+$ ]] || [ "$MIB" -lt 32 ]; then
     exit 2
 fi
 
-log() { echo "hash.sh: $*" >&2; }
+BENCH_NAME=hash.sh
+. ci/bench/lib.sh
 
 # --- tools -----------------------------------------------------------------
 if [ ! -x /usr/bin/time ]; then
@@ -138,8 +139,6 @@ time_one() {
         printf "%.4f:%.2f", b - a, u[1] * 60 + u[2] + s[1] * 60 + s[2]
     }'
 }
-median() { tr ' ' '\n' | grep . | sort -g | awk '{v[NR] = $1} END {m = int((NR + 1) / 2); if (NR % 2) print v[m]; else printf "%.4f\n", (v[m] + v[m + 1]) / 2}'; }
-minmax() { tr ' ' '\n' | grep . | sort -g | awk 'NR == 1 {lo = $1} {hi = $1} END {printf "%s–%s", lo, hi}'; }
 
 log "warm-up round"
 for n in "${NAMES[@]}"; do "run_$n"; done

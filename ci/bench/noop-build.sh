@@ -26,7 +26,8 @@ if ! [[ $N =~ ^[0-9]+$ ]] || [ "$N" -lt 1 ]; then
     exit 2
 fi
 
-log() { echo "noop-build.sh: $*" >&2; }
+BENCH_NAME=noop-build.sh
+. ci/bench/lib.sh
 
 if [ ! -x /usr/bin/time ]; then
     log "installing the Debian package \`time\`"
@@ -98,8 +99,6 @@ log "first build: ${FIRST}s, $ENTRIES entries"
 # --- the measurement -------------------------------------------------------
 CMD="punix build -f RECIPES_DIR > /dev/null"
 run_noop() { "$PUNIX" build -f "$RECIPES" >/dev/null 2>&1; }
-median() { tr ' ' '\n' | grep . | sort -g | awk '{v[NR] = $1} END {m = int((NR + 1) / 2); if (NR % 2) print v[m]; else printf "%.4f\n", (v[m] + v[m + 1]) / 2}'; }
-minmax() { tr ' ' '\n' | grep . | sort -g | awk 'NR == 1 {lo = $1} {hi = $1} END {printf "%s–%s", lo, hi}'; }
 
 run_noop
 run_noop

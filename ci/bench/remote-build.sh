@@ -42,11 +42,8 @@ REPO=$PWD
 
 RUNS=${REMOTE_BENCH_RUNS:-5}
 
-log() { echo "remote-build.sh: $*" >&2; }
-die() {
-    log "$*"
-    exit 1
-}
+BENCH_NAME=remote-build.sh
+. ci/bench/lib.sh
 [[ $RUNS =~ ^[0-9]+$ ]] && [ "$RUNS" -ge 1 ] || die "REMOTE_BENCH_RUNS must be a whole number >= 1, not \`$RUNS\`"
 [ "$(id -u)" -eq 0 ] || die "run as root (the testbed makes network namespaces and mounts)"
 
@@ -134,9 +131,6 @@ check_build() { # --explain (stderr, in build.err) says Triv was built on h1
         die "unexpected build output: $(cat "$WORK/build.err")"
     [ -n "$(entry)" ] || die "no output in the store after the build"
 }
-median() { tr ' ' '\n' | grep . | sort -g | awk '{v[NR] = $1} END {m = int((NR + 1) / 2); if (NR % 2) print v[m]; else printf "%.4f\n", (v[m] + v[m + 1]) / 2}'; }
-minmax() { tr ' ' '\n' | grep . | sort -g | awk 'NR == 1 {lo = $1} {hi = $1} END {if (lo == hi) print lo; else printf "%s–%s", lo, hi}'; }
-maxof() { tr ' ' '\n' | grep . | sort -g | tail -n1; }
 load1() { cut -d' ' -f1 /proc/loadavg; }
 
 declare -A T LOAD CONN SESS
