@@ -892,7 +892,45 @@ ssh_suite!(
     dead_master_is_reported,
     drop_closes_the_master,
     reports_the_system,
+    sessions_at_once_are_bounded,
 );
+
+/// Steps run from many threads at once share the agent and at most
+/// `MAX_SESSIONS` sessions of their own, under sshd's `MaxSessions` (10 by
+/// default): each script notes itself in a directory on the host and
+/// counts who else is there.
+fn sessions_at_once_are_bounded(tb: &testbed::Testbed, host: &testbed::Host) {
+    use punix::transport::ssh::MAX_SESSIONS;
+    let t = Arc::new(connect(tb, host));
+    let dir = PathBuf::from("/srv/deploy").join(unique("sessions"));
+    let d = quote_path(&dir);
+    let script =
+        format!("mkdir -p {d}; : > {d}/$$; sleep 0.4; n=$(ls {d} | wc -l); rm -f {d}/$$; echo $n");
+    let threads: Vec<_> = (0..3 * MAX_SESSIONS)
+        .map(|_| {
+            let t = t.clone();
+            let script = script.clone();
+            std::thread::spawn(move || t.run_script(&script, T).expect("run"))
+        })
+        .collect();
+    let seen: Vec<usize> = threads
+        .into_iter()
+        .map(|th| {
+            th.join()
+                .expect("thread")
+                .stdout
+                .trim()
+                .parse()
+                .expect("a count")
+        })
+        .collect();
+    let most = seen.iter().copied().max().unwrap_or(0);
+    // The agent's script and MAX_SESSIONS others: never more.
+    assert!(most <= MAX_SESSIONS + 1, "{most} at once: {seen:?}");
+    assert!(most > 2, "they did run side by side: {seen:?}");
+    assert_eq!(t.counters().connections, 1);
+    let _ = t.run_script(&format!("rm -rf {d}"), T);
+}
 
 fn host_key_unknown_or_changed_fails(tb: &testbed::Testbed, host: &testbed::Host) {
     let d = tempfile::tempdir().expect("tempdir");

@@ -68,6 +68,12 @@ const LOCK_REPLY_SLACK: Duration = Duration::from_secs(30);
 const LOCK_RELEASE_WAIT: Duration = Duration::from_secs(10);
 /// Bound on the small bookkeeping round trips (alive check, kill).
 const SMALL_STEP: Duration = Duration::from_secs(10);
+/// Sessions punix opens at once on one master, besides the agent's (the
+/// master's first session). sshd refuses sessions beyond its `MaxSessions`
+/// per connection, 10 by default: this leaves room for the agent and one
+/// more. A deploy needs at most two (rsync, and a lock holder on hosts
+/// without `flock`); steps run while the agent is busy wait for a slot.
+pub const MAX_SESSIONS: usize = 8;
 
 /// The command every script runs as: the login shell (whatever it is)
 /// execs `sh -s`, which keeps the session's pid, so that pid is also the
@@ -333,6 +339,8 @@ struct Inner {
     opts: SshOptions,
     connections: AtomicU64,
     round_trips: AtomicU64,
+    /// At most [`MAX_SESSIONS`] sessions of punix's own at once.
+    sessions: Arc<tokio::sync::Semaphore>,
     /// Holds the generated ssh_config, the control socket and the log.
     dir: tempfile::TempDir,
 }
@@ -554,6 +562,7 @@ impl SshTransport {
                 },
                 connections: AtomicU64::new(1),
                 round_trips: AtomicU64::new(round_trips),
+                sessions: Arc::new(tokio::sync::Semaphore::new(MAX_SESSIONS)),
                 dir,
             }),
         })
@@ -1067,6 +1076,10 @@ impl Inner {
         deadline: Instant,
         timed_out: impl Fn() -> TransportError,
     ) -> Result<Output, TransportError> {
+        let Ok(Ok(_slot)) = timeout_at(deadline, self.sessions.clone().acquire_owned()).await
+        else {
+            return Err(timed_out());
+        };
         let mut cmd = self.session().clone().arc_raw_command(RUN_COMMAND);
         cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -1156,11 +1169,31 @@ impl Inner {
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         let _ = timeout(SMALL_STEP, async {
+            let Ok(_slot) = self.sessions.clone().acquire_owned().await else {
+                return;
+            };
             if let Ok(c) = cmd.spawn().await {
                 let _ = c.wait().await;
             }
         })
         .await;
+    }
+
+    /// A slot for a session of punix's own ([`MAX_SESSIONS`]), waiting at
+    /// most `limit` for one.
+    async fn session_slot(
+        &self,
+        what: &str,
+        limit: Duration,
+    ) -> Result<tokio::sync::OwnedSemaphorePermit, TransportError> {
+        match timeout(limit, self.sessions.clone().acquire_owned()).await {
+            Ok(Ok(slot)) => Ok(slot),
+            _ => Err(TransportError::Timeout {
+                target: self.name.clone(),
+                what: format!("{what} (waiting for one of {MAX_SESSIONS} SSH sessions)"),
+                secs: limit.as_secs(),
+            }),
+        }
     }
 }
 
@@ -1256,6 +1289,9 @@ impl Transport for SshTransport {
             .arg(rsh)
             .arg(format!("--rsync-path={rsync_path}"))
             .env("LC_ALL", "C");
+        let _slot = inner
+            .rt
+            .block_on(inner.session_slot("push", inner.opts.op_timeout))?;
         inner.rsync_outcome(run_rsync(
             &inner.name,
             cmd,
@@ -1285,6 +1321,9 @@ impl Transport for SshTransport {
             .arg(src)
             .arg(dst)
             .env("LC_ALL", "C");
+        let _slot = inner
+            .rt
+            .block_on(inner.session_slot("pull", inner.opts.op_timeout))?;
         let stats =
             inner.rsync_outcome(run_rsync_with_input(&inner.name, "from", cmd, Vec::new()))?;
         Ok(PullStats {
@@ -1370,6 +1409,7 @@ impl SshTransport {
         let script = lock_holder_script(lock_path, wait, super::LockMethod::Auto);
         let command = format!("exec sh -c {}", quote(&script));
         inner.rt.block_on(async {
+            let slot = inner.session_slot(&what, limit).await?;
             let mut cmd = inner.session().clone().arc_raw_command(command);
             cmd.stdin(Stdio::piped())
                 .stdout(Stdio::piped())
@@ -1404,6 +1444,7 @@ impl SshTransport {
             match parse_lock_reply(&line) {
                 LockReply::Held => Ok(Box::new(SshLockGuard {
                     inner: self.inner.clone(),
+                    _slot: slot,
                     child: Some(child),
                     stdin,
                     _stdout: stdout,
@@ -1466,6 +1507,8 @@ impl Drop for AgentLockGuard {
 /// standard input.
 struct SshLockGuard {
     inner: Arc<Inner>,
+    /// The holder's session slot, given back with the guard.
+    _slot: tokio::sync::OwnedSemaphorePermit,
     child: Option<openssh::Child<Arc<Session>>>,
     stdin: Option<openssh::ChildStdin>,
     _stdout: Option<BufReader<openssh::ChildStdout>>,
