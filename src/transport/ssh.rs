@@ -15,7 +15,8 @@
 //!   [`super::agent`]): a `sh` that starts with the login and runs the
 //!   scripts one after another, one network round trip each, and can hold
 //!   the target lock itself. Steps that find it busy (parallel callers) get
-//!   a session of their own on the master.
+//!   a session of their own on the master, at most [`MAX_SESSIONS`] at once
+//!   (under sshd's `MaxSessions`); the others wait for one.
 //! - The master lives as long as this process holds it: the agent's
 //!   session keeps it busy, and `ControlPersist` lets an idle master exit
 //!   [`CONTROL_PERSIST_SECS`] seconds after its last session closed, so a
