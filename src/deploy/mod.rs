@@ -21,7 +21,8 @@
 //! 8. with `--activate`, reload and restart what changed (1), check the
 //!    units, roll back automatically when one is not active.
 //!
-//! Every step is planned first ([`Plan`]); `--dry-run` prints the plan.
+//! Every step is planned first (`DeployReport::plan`, a line per step);
+//! `--dry-run` prints the plan.
 
 pub mod generation;
 pub mod remote;

@@ -1,5 +1,5 @@
 //! The build farm: registered builders ([`registry`]), probing them
-//! ([`probe`]), building on them over SSH ([`remote`]) and choosing where
+//! ([`probe`](mod@probe)), building on them over SSH ([`remote`]) and choosing where
 //! each derivation is built ([`route`]).
 //!
 //! A builder is any SSH host with `sh`, coreutils and rsync: builds are

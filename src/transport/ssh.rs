@@ -12,7 +12,7 @@
 //!   unknown or changed key fails with `Host key verification failed` and
 //!   the `ssh-keyscan` line that fixes it.
 //! - The master's own first session runs the agent (see
-//!   [`super::agent`]): a `sh` that starts with the login and runs the
+//!   the `agent` module): a `sh` that starts with the login and runs the
 //!   scripts one after another, one network round trip each, and can hold
 //!   the target lock itself. Steps that find it busy (parallel callers) get
 //!   a session of their own on the master, at most [`MAX_SESSIONS`] at once
