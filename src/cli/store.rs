@@ -219,6 +219,13 @@ pub fn run(cx: &Context, cmd: StoreCommand) -> Result<(), Error> {
             for p in &report.stale_pushes {
                 println!("{verb} {p} (a push left by a killed deploy)");
             }
+            for n in &report.in_use {
+                println!(
+                    "kept {} (not pinned, but a deploy used it within the last {} minutes)",
+                    store.entry_path(n).display(),
+                    punix::deploy::remote::IN_USE_MINUTES
+                );
+            }
             eprintln!(
                 "{verb} {} on {}, kept {} ({} pinned by generations)",
                 entries(report.deleted.len()),

@@ -771,6 +771,14 @@ fn deploy_realised(
             number,
             generation_json: report.new_generation.then_some(gen_json.as_bytes()),
             pushed,
+            cached: {
+                let missing: BTreeSet<&String> = st.missing.iter().collect();
+                closure
+                    .iter()
+                    .filter(|n| !missing.contains(n))
+                    .cloned()
+                    .collect()
+            },
             writes: writes
                 .iter()
                 .map(|i| Write {
@@ -1429,6 +1437,7 @@ fn rollback_locked(
         number: to,
         generation_json: None,
         pushed: None,
+        cached: names.clone(),
         writes: writes_idx
             .iter()
             .map(|i| Write {
@@ -1640,6 +1649,9 @@ pub struct GcTargetReport {
     pub pinned: usize,
     pub deleted: Vec<String>,
     pub kept: usize,
+    /// Unpinned entries kept because a deploy marked them in use within
+    /// the last [`remote::IN_USE_MINUTES`] minutes (counted in `kept`).
+    pub in_use: Vec<String>,
     /// Pushes left for more than an hour by killed deploys: removed (or,
     /// on a dry run, that would be).
     pub stale_pushes: Vec<String>,
@@ -1671,7 +1683,9 @@ pub fn gc_target(
          for j in {dr}/*/.journal-*.sh; do [ -e \"$j\" ] && echo \"busy $j\"; done\n\
          for j in {s}/.tmp-push-*; do [ -e \"$j\" ] || continue; if [ -n \"$(find \"$j\" -maxdepth 0 -mmin +60 2>/dev/null)\" ]; then {sweep}; else echo \"busy $j\"; fi; done\n\
          for e in {s}/*; do if [ -e \"$e/built\" ]; then echo \"entry ${{e##*/}}\"; fi; done\n\
-         true\n"
+         [ ! -d {s} ] || find {s} -mindepth 2 -maxdepth 2 -name built -mmin -{m} 2>/dev/null | sed 's|/built$||; s|.*/|fresh |'\n\
+         true\n",
+        m = remote::IN_USE_MINUTES
     );
     let out = t.run_checked("gc query", &script, timeout)?;
     let swept: Vec<String> = out
@@ -1686,6 +1700,7 @@ pub fn gc_target(
     let mut pinned: BTreeSet<String> = BTreeSet::new();
     let mut entries = Vec::new();
     let mut busy = Vec::new();
+    let mut fresh: BTreeSet<String> = BTreeSet::new();
     let mut cur: Option<String> = None;
     for line in out.stdout.lines() {
         if line.starts_with("gen-begin ") {
@@ -1709,6 +1724,8 @@ pub fn gc_target(
             entries.push(e.to_string());
         } else if let Some(b) = line.strip_prefix("busy ") {
             busy.push(b.to_string());
+        } else if let Some(e) = line.strip_prefix("fresh ") {
+            fresh.insert(e.to_string());
         }
     }
     if !busy.is_empty() {
@@ -1720,31 +1737,66 @@ pub fn gc_target(
             ),
         ));
     }
-    let deleted: Vec<String> = entries
-        .iter()
-        .filter(|e| !pinned.contains(*e))
-        .cloned()
-        .collect();
-    let report = GcTargetReport {
+    let unpinned = entries.iter().filter(|e| !pinned.contains(*e));
+    let (mut in_use, mut deleted): (Vec<String>, Vec<String>) =
+        unpinned.cloned().partition(|e| fresh.contains(e));
+    let mut report = GcTargetReport {
         target: t.name(),
         pinned: pinned.len(),
         kept: entries.len() - deleted.len(),
-        deleted: deleted.clone(),
+        deleted: Vec::new(),
+        in_use: Vec::new(),
         stale_pushes: swept,
         dry_run,
     };
     if dry_run || deleted.is_empty() {
+        report.deleted = deleted;
+        report.in_use = in_use;
         return Ok(report);
     }
+    // Each entry is renamed away first, so it vanishes whole; one that a
+    // deploy marked in use meanwhile (see `remote::IN_USE_MINUTES`) is put
+    // back, unless a deploy pushed it again meanwhile.
     let mut del = format!("set -e\nS={s}\n");
     let _ = std::fmt::Write::write_fmt(
         &mut del,
         format_args!(
-            "for n in {}; do\n  t=\"$S/.del-$$-$n\"\n  chmod u+w \"$S/$n\" 2>/dev/null || true\n  mv \"$S/$n\" \"$t\"\n  chmod -R u+w \"$t\" 2>/dev/null || true\n  rm -rf \"$t\"\ndone\n",
-            crate::transport::script::words(deleted.iter().map(String::as_str))
+            r#"for n in {names}; do
+  [ -e "$S/$n" ] || continue
+  t="$S/.del-$$-$n"
+  chmod u+w "$S/$n" 2>/dev/null || true
+  mv "$S/$n" "$t"
+  if [ -n "$(find "$t/built" -mmin -{m} 2>/dev/null)" ]; then
+    chmod a-w "$t" 2>/dev/null || true
+    [ -e "$S/$n" ] || mv -T "$t" "$S/$n" 2>/dev/null || [ -e "$S/$n" ] || mv "$t" "$S/$n"
+    if [ -e "$t" ]; then chmod -R u+w "$t" 2>/dev/null || true; rm -rf "$t"; fi
+    echo "in-use $n"
+    continue
+  fi
+  chmod -R u+w "$t" 2>/dev/null || true
+  rm -rf "$t"
+done
+"#,
+            names = crate::transport::script::words(deleted.iter().map(String::as_str)),
+            m = remote::IN_USE_MINUTES
         ),
     );
-    t.run_checked("gc", &del, timeout)?;
+    let out = t.run_checked("gc", &del, timeout)?;
+    let kept_now: BTreeSet<&str> = out
+        .stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("in-use "))
+        .collect();
+    deleted.retain(|e| {
+        let keep = kept_now.contains(e.as_str());
+        if keep {
+            in_use.push(e.clone());
+        }
+        !keep
+    });
+    report.kept = entries.len() - deleted.len();
+    report.deleted = deleted;
+    report.in_use = in_use;
     Ok(report)
 }
 

@@ -357,6 +357,10 @@ pub struct Commit<'a> {
     pub generation_json: Option<&'a [u8]>,
     /// Directory holding pushed entries, and their names.
     pub pushed: Option<(PathBuf, Vec<String>)>,
+    /// The entries the generation pins that were already on the target:
+    /// marked as in use and checked before anything is renamed (see
+    /// [`IN_USE_MINUTES`]).
+    pub cached: Vec<String>,
     pub writes: Vec<Write<'a>>,
     /// Files to delete (no longer part of the stack).
     pub removes: Vec<PathBuf>,
@@ -370,6 +374,13 @@ pub struct Commit<'a> {
     /// How long to wait for the journal.
     pub wait_secs: u64,
 }
+
+/// A store entry whose `built` marker changed this recently may be in
+/// use by a deploy that found it on the target and has not pinned it yet:
+/// `store gc --target` keeps it. A commit touches the markers of the
+/// entries it pins without pushing them, then checks they are all still
+/// there, before it renames anything.
+pub const IN_USE_MINUTES: u32 = 60;
 
 /// Test hook: a point inside the commit journal where it stops.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -488,9 +499,18 @@ pub fn commit(c: &Commit<'_>) -> String {
     let cur_tmp = q(&d.join(".current.punix-tmp"));
     let _ = writeln!(
         j,
-        "if [ -e {cur_tmp} ] || [ -L {cur_tmp} ]; then rm -f {cur_tmp}; fi\nln -s {g} {cur_tmp}\n{sync}\n[ \"$0\" -ef \"$J\" ] || mv -f \"$0\" \"$J\"\n[ -z \"$pc\" ] || wait \"$pc\"",
+        "if [ -e {cur_tmp} ] || [ -L {cur_tmp} ]; then rm -f {cur_tmp}; fi\nln -s {g} {cur_tmp}\n{sync}",
         g = quote(&gen_name),
     );
+    // On its first run only (a roll-forward must finish what it began):
+    // the entries found on the target are marked in use, and must still
+    // be there (a concurrent `store gc` may have taken one before the
+    // mark).
+    j.push_str("if [ ! \"$0\" -ef \"$J\" ]; then\n");
+    if !c.cached.is_empty() {
+        j.push_str(&in_use_check(&c.layout.store, &c.cached));
+    }
+    j.push_str("  mv -f \"$0\" \"$J\"\nfi\n[ -z \"$pc\" ] || wait \"$pc\"\n");
     if c.pushed.is_some() {
         j.push_str(MOVE_PUSHED);
     }
@@ -569,6 +589,8 @@ pub fn commit(c: &Commit<'_>) -> String {
         s,
         r#"J={jq}
 set +e
+# A journal of this number that failed before is kept under another name.
+if [ -e "$J.failed" ]; then mv -f "$J.failed" "$J.failed.$$"; [ ! -e "$J.log" ] || mv -f "$J.log" "$J.failed.$$.log"; fi
 if command -v setsid >/dev/null 2>&1; then
   setsid sh {jn} </dev/null >"$J.log" 2>&1 &
 else
@@ -589,6 +611,27 @@ done
 if [ -e "$J.failed" ]; then cat "$J.log" >&2; echo "(the journal is kept as $J.failed)" >&2; exit 1; fi
 echo committed"#,
         c.wait_secs * 20
+    );
+    s
+}
+
+/// Mark the store entries `names` under `store` in use (their `built`
+/// touched, in batches that fit a command line) and fail, saying which,
+/// when one is gone.
+fn in_use_check(store: &Path, names: &[String]) -> String {
+    let mut s = format!("  cd {} || exit 1\n", q(store));
+    for chunk in names.chunks(1000) {
+        let markers: Vec<String> = chunk.iter().map(|n| format!("{n}/built")).collect();
+        let _ = writeln!(
+            s,
+            "  touch -c -- {} 2>/dev/null || :",
+            words(markers.iter().map(String::as_str))
+        );
+    }
+    let _ = writeln!(
+        s,
+        "  for n in {}; do\n    [ -e \"$n/built\" ] || {{ echo \"the store path $PWD/$n is gone from the target (a \\`store gc\\` ran during this deploy?); nothing was changed: deploy again\" >&2; exit 1; }}\n  done\n  cd /",
+        words(names.iter().map(String::as_str))
     );
     s
 }

@@ -694,6 +694,16 @@ fn gc_on_a_target_keeps_every_pinned_path() {
     let stray = store_on_target.join("0123456789abcdef0123456789abcdef-stray-1");
     fs::create_dir_all(&stray).unwrap();
     fs::write(stray.join("built"), "{}").unwrap();
+    let old = std::process::Command::new("touch")
+        .args(["-d", "3 hours ago"])
+        .arg(stray.join("built"))
+        .status()
+        .unwrap();
+    assert!(old.success());
+    // Another one that a deploy marked in use a moment ago: kept.
+    let in_use = store_on_target.join("fedcba9876543210fedcba9876543210-stray-2");
+    fs::create_dir_all(&in_use).unwrap();
+    fs::write(in_use.join("built"), "{}").unwrap();
     let r = t
         .run(&[
             "store",
@@ -707,6 +717,13 @@ fn gc_on_a_target_keeps_every_pinned_path() {
     assert!(r.stdout.contains("-stray-1"), "{}", r.stdout);
     assert!(r.stderr.contains("deleted 1 entry on"), "{}", r.stderr);
     assert!(!stray.exists());
+    assert!(
+        r.stdout
+            .contains("-stray-2 (not pinned, but a deploy used it within the last 60 minutes)"),
+        "{}",
+        r.stdout
+    );
+    assert!(in_use.join("built").exists());
     // Both generations' paths are still there: rollback works.
     service(&t, "rollback", &[]).success();
     assert_store_whole(&t);
@@ -927,5 +944,98 @@ fn gc_dry_run_on_a_target_deletes_nothing_not_even_stale_pushes() {
         r.stdout
     );
     assert!(!stale.exists());
+    assert_store_whole(&t);
+}
+
+#[test]
+fn a_store_path_gone_before_the_commit_fails_the_deploy_before_anything_changes() {
+    let t = Test::new();
+    stack(&t, "old\\n");
+    deploy(&t, &[]).success();
+    // A new config only: every store path is already on the target.
+    stack(&t, "new\\n");
+    let resume = t.path().join("resume");
+    let pkgs = t.pkgs();
+    let root = root(&t);
+    let mut child = t
+        .cmd()
+        .args([
+            "service",
+            "deploy",
+            "Web",
+            "--file",
+            pkgs.to_str().unwrap(),
+            "--transport-root",
+            root.to_str().unwrap(),
+            "--deployments-root",
+            "/srv/deploy",
+        ])
+        .env("APP_TOKEN", SECRET)
+        .env("PUNIX_TEST_PAUSE", "commit")
+        .env("PUNIX_TEST_RESUME", &resume)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Its standard error, read on as it runs (punix must not write into a
+    // closed pipe).
+    let err = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let reader = {
+        let err = err.clone();
+        let mut pipe = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            use std::io::Read;
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = pipe.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                err.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !err.lock().unwrap().contains("paused before commit") {
+        assert!(Instant::now() < deadline, "never paused");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Meanwhile a gc (say) takes one of the paths the deploy found there.
+    let store_on_target = root.join(t.store().to_str().unwrap().trim_start_matches('/'));
+    let lib = fs::read_dir(&store_on_target)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.to_string_lossy().ends_with("-lib-1"))
+        .expect("the lib entry on the target");
+    let gone = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("chmod -R u+w '{0}' && rm -rf '{0}'", lib.display()))
+        .status()
+        .unwrap();
+    assert!(gone.success());
+    fs::write(&resume, "").unwrap();
+    let status = child.wait().unwrap();
+    reader.join().unwrap();
+    let err = err.lock().unwrap().clone();
+    assert_eq!(status.code(), Some(3), "{err}");
+    assert!(
+        err.contains("-lib-1 is gone from the target") && err.contains("deploy again"),
+        "{err}"
+    );
+    // Nothing changed.
+    assert_eq!(current(&t).as_deref(), Some("gen-001.json"));
+    assert_eq!(
+        fs::read_to_string(on_target(&t, "/etc/web/app.conf")).unwrap(),
+        "old\n"
+    );
+    // Deploying again pushes it and completes.
+    let r = deploy(&t, &[]).success();
+    assert!(
+        r.stdout.contains("gen-002") && r.stdout.contains("1 pushed"),
+        "{}",
+        r.stdout
+    );
     assert_store_whole(&t);
 }
