@@ -1133,3 +1133,87 @@ fn builder_slots_are_shared_by_concurrent_punix_processes() {
         "slot locks live in ~/.punix/slots"
     );
 }
+
+#[test]
+fn a_builders_store_is_collected_by_store_gc_keeping_what_builds_used_lately() {
+    let Some(f) = Farm::new("a_builders_store_is_collected_by_store_gc") else {
+        return;
+    };
+    f.recipe(AARCH64_RECIPE);
+    let arm1 = f.host("arm1");
+    let reg = f.registry("builders.toml", &[f.entry("arm1", "aarch64-linux")]);
+    let reg = reg.to_str().expect("utf-8");
+    let build = || {
+        ok(&f.build(&["--system", "aarch64-linux", "--builders", reg, "Busybox"]));
+    };
+    let gc = |extra: &[&str]| {
+        let mut c = f.cmd();
+        c.args(["store", "gc", "--target", &arm1.url(&f.tb.user)])
+            .arg("--key")
+            .arg(&f.tb.key)
+            .arg("--known-hosts")
+            .arg(&f.tb.known_hosts)
+            .args(["--deployments-root", "/srv/deploy/no-deployments-here"])
+            .args(extra);
+        stdout_of(&c.output().expect("run punix"))
+    };
+    let t = f.transport(&arm1);
+    let q = quote_path(&f.store_root());
+    // Every entry on arm1 last used long ago.
+    let age = || {
+        t.run_checked(
+            "age",
+            &format!("for b in {q}/*/built; do touch -t 202001010000 \"$b\"; done"),
+            Duration::from_secs(30),
+        )
+        .expect("age the markers");
+    };
+    let on_arm1 = || {
+        t.run_checked("ls", &format!("ls -A {q}"), Duration::from_secs(30))
+            .expect("ls")
+            .stdout
+    };
+    // Busybox needs Machine: both built on arm1, Machine pushed there as
+    // Busybox's input.
+    build();
+    assert!(on_arm1().contains("-machine-1.0"));
+    age();
+    // Another Busybox: Machine is on arm1 already; the build marks it.
+    f.recipe(&AARCH64_RECIPE.replace("cp /bin/busybox", "cp -p /bin/busybox"));
+    build();
+    // Nothing is pinned on a builder, but a build used Machine just now.
+    let out = gc(&[]);
+    assert!(
+        out.contains("-machine-1.0 (not pinned, but a deploy or a build used it"),
+        "{out}"
+    );
+    assert!(!out.contains("deleted"), "{out}");
+    // An hour and more later, gc takes it.
+    age();
+    let out = gc(&["--dry-run"]);
+    assert!(
+        out.contains("would delete") && out.contains("-machine-1.0"),
+        "{out}"
+    );
+    assert!(
+        on_arm1().contains("-machine-1.0"),
+        "a dry run deletes nothing"
+    );
+    let out = gc(&[]);
+    assert!(
+        out.contains("deleted") && out.contains("-machine-1.0"),
+        "{out}"
+    );
+    assert!(!on_arm1().contains("-machine-1.0"));
+    // The next build that needs it pushes it again.
+    f.recipe(&AARCH64_RECIPE.replace("cp /bin/busybox", "cp -pL /bin/busybox"));
+    build();
+    assert!(on_arm1().contains("-machine-1.0"));
+}
+
+/// Standard output of a run that must succeed.
+#[track_caller]
+fn stdout_of(out: &Output) -> String {
+    ok(out);
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}

@@ -221,7 +221,7 @@ pub fn run(cx: &Context, cmd: StoreCommand) -> Result<(), Error> {
             }
             for n in &report.in_use {
                 println!(
-                    "kept {} (not pinned, but a deploy used it within the last {} minutes)",
+                    "kept {} (not pinned, but a deploy or a build used it within the last {} minutes)",
                     store.entry_path(n).display(),
                     punix::deploy::remote::IN_USE_MINUTES
                 );

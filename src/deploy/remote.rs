@@ -615,19 +615,11 @@ echo committed"#,
     s
 }
 
-/// Mark the store entries `names` under `store` in use (their `built`
-/// touched, in batches that fit a command line) and fail, saying which,
-/// when one is gone.
+/// Mark the store entries `names` under `store` in use and fail, saying
+/// which, when one is gone.
 fn in_use_check(store: &Path, names: &[String]) -> String {
     let mut s = format!("  cd {} || exit 1\n", q(store));
-    for chunk in names.chunks(1000) {
-        let markers: Vec<String> = chunk.iter().map(|n| format!("{n}/built")).collect();
-        let _ = writeln!(
-            s,
-            "  touch -c -- {} 2>/dev/null || :",
-            words(markers.iter().map(String::as_str))
-        );
-    }
+    s.push_str(&crate::transport::script::mark_in_use(names));
     let _ = writeln!(
         s,
         "  for n in {}; do\n    [ -e \"$n/built\" ] || {{ echo \"the store path $PWD/$n is gone from the target (a \\`store gc\\` ran during this deploy?); nothing was changed: deploy again\" >&2; exit 1; }}\n  done\n  cd /",

@@ -51,7 +51,7 @@ use crate::build::plan::Node;
 use crate::files;
 use crate::store::content_hash::hash_tree;
 use crate::store::{Store, StoreError};
-use crate::transport::script::{words, write_staged};
+use crate::transport::script::{mark_in_use, words, write_staged};
 use crate::transport::{Transport, TransportError, quote, quote_path};
 
 /// Temporaries and build directories a lost build left on a builder are
@@ -926,6 +926,13 @@ fn prepare_script(store_root: &Path, names: &[String]) -> String {
 fi
 "#,
     );
+    // What is there is marked in use first, so a `store gc --target` of
+    // the builder keeps it for this build.
+    if !names.is_empty() {
+        s.push_str("cd \"$S\" && {\n");
+        s.push_str(&mark_in_use(names));
+        s.push_str("}\ncd /\n");
+    }
     let _ = writeln!(
         s,
         "for n in {}; do [ -e \"$S/$n/built\" ] || echo \"missing=$n\"; done",
@@ -1021,6 +1028,13 @@ done
             .as_str(),
         );
         s.push_str("chmod -R u+w \"$P\" 2>/dev/null; rm -rf \"$P\"\n");
+    }
+    // All inputs marked in use again (the pushed ones kept the times they
+    // had here) before they are checked.
+    if !b.closure.is_empty() {
+        s.push_str("cd \"$S\" && {\n");
+        s.push_str(&mark_in_use(b.closure));
+        s.push_str("}\ncd /\n");
     }
     s.push_str("for n in");
     for n in b.closure {

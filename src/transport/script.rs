@@ -23,6 +23,23 @@ pub fn quote(s: &str) -> String {
     out
 }
 
+/// Lines that mark the store entries `names` (relative to the current
+/// directory, a store root) in use: their `built` markers touched, in
+/// batches that fit a command line. A missing entry is skipped, a failure
+/// ignored: whoever needs the entries checks they are there afterwards.
+/// `store gc --target` keeps entries marked within the last hour (see
+/// `deploy::remote::IN_USE_MINUTES`).
+pub fn mark_in_use(names: &[String]) -> String {
+    let mut s = String::new();
+    for chunk in names.chunks(1000) {
+        let markers: Vec<String> = chunk.iter().map(|n| format!("{n}/built")).collect();
+        s.push_str("touch -c -- ");
+        s.push_str(&words(markers.iter().map(String::as_str)));
+        s.push_str(" 2>/dev/null || :\n");
+    }
+    s
+}
+
 /// Words for a `for n in WORDS; do` list: each name as one word, bare when
 /// it holds nothing the shell would touch, else [`quote`]d. A list in the
 /// script text itself is parsed at once; a `while read` over a heredoc

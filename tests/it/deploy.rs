@@ -718,8 +718,9 @@ fn gc_on_a_target_keeps_every_pinned_path() {
     assert!(r.stderr.contains("deleted 1 entry on"), "{}", r.stderr);
     assert!(!stray.exists());
     assert!(
-        r.stdout
-            .contains("-stray-2 (not pinned, but a deploy used it within the last 60 minutes)"),
+        r.stdout.contains(
+            "-stray-2 (not pinned, but a deploy or a build used it within the last 60 minutes)"
+        ),
         "{}",
         r.stdout
     );
