@@ -27,6 +27,9 @@ pub enum BuildersCommand {
     /// Run a tiny real build on each builder (or on NAME) and bring the
     /// result back, reporting each step.
     Check(CheckArgs),
+    /// Delete, on each builder (or on NAME), the store entries no build
+    /// used in the last hour and no generation deployed there pins.
+    Gc(GcArgs),
 }
 
 /// Which registry file.
@@ -120,6 +123,26 @@ pub struct CheckArgs {
     pub connect_timeout: u64,
 }
 
+#[derive(Debug, Args)]
+pub struct GcArgs {
+    /// The builder to collect [default: all].
+    pub name: Option<String>,
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+    /// Only list what would be deleted.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Print one JSON object with each builder's report.
+    #[arg(long)]
+    pub json: bool,
+    /// Seconds to wait for each SSH connection.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10)]
+    pub connect_timeout: u64,
+    /// Seconds each step on a builder may take.
+    #[arg(long, value_name = "SECONDS", default_value_t = 120)]
+    pub timeout: u64,
+}
+
 fn parse_speed(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(f) if f.is_finite() && f > 0.0 => Ok(f),
@@ -137,16 +160,16 @@ pub fn run(cx: &Context, cmd: BuildersCommand) -> Result<(), Error> {
         BuildersCommand::Add(a) => add(cx, a),
         BuildersCommand::Remove(a) => remove(a),
         BuildersCommand::Check(a) => check(cx, a),
+        BuildersCommand::Gc(a) => gc(cx, a),
     }
 }
 
 // F2: builders check.
 /// `punix builders check [NAME]`: a tiny real build on each builder (in
 /// parallel), brought back and verified, each step reported.
-fn check(cx: &Context, a: CheckArgs) -> Result<(), Error> {
-    use punix::farm::remote::{self, CheckReport};
-    let reg = a.registry.load()?;
-    let chosen: Vec<Builder> = match &a.name {
+/// The builder `name`, or all of them.
+fn chosen(reg: &punix::farm::Registry, name: Option<&String>) -> Result<Vec<Builder>, Error> {
+    Ok(match name {
         Some(n) => vec![reg.get(n).cloned().ok_or_else(|| FarmError::Unknown {
             name: n.clone(),
             path: reg.path.clone(),
@@ -162,7 +185,91 @@ fn check(cx: &Context, a: CheckArgs) -> Result<(), Error> {
             }),
         })?],
         None => reg.builders.clone(),
-    };
+    })
+}
+
+/// One builder after another: the builder's own store root is the one in
+/// effect here (the same path on every machine), and generations deployed
+/// to the builder's user (its default deployments root) stay pinned.
+fn gc(cx: &Context, a: GcArgs) -> Result<(), Error> {
+    let reg = a.registry.load()?;
+    let chosen = chosen(&reg, a.name.as_ref())?;
+    if chosen.is_empty() {
+        println!("no builders in {}", reg.path.display());
+        return Ok(());
+    }
+    let store = punix::store::Store::new(&cx.store_root)?;
+    let mut reports = Vec::new();
+    let mut failed: Vec<(String, Error)> = Vec::new();
+    for b in &chosen {
+        let run = || -> Result<_, Error> {
+            let t = punix::farm::probe::connect(b, Duration::from_secs(a.connect_timeout))?;
+            Ok(punix::deploy::gc_target(
+                &t,
+                store.root(),
+                None,
+                a.dry_run,
+                Duration::from_secs(a.timeout),
+            )?)
+        };
+        match run() {
+            Ok(r) => {
+                if !a.json {
+                    let verb = if a.dry_run { "would delete" } else { "deleted" };
+                    for n in &r.deleted {
+                        println!("{verb} {} on {}", store.entry_path(n).display(), b.name);
+                    }
+                    for p in &r.stale_pushes {
+                        println!("{verb} {p} on {} (a push left by a killed deploy)", b.name);
+                    }
+                    eprintln!(
+                        "{}: {verb} {} entr{}, kept {} ({} in use by a build or deploy within the last {} minutes, {} pinned by generations)",
+                        b.name,
+                        r.deleted.len(),
+                        if r.deleted.len() == 1 { "y" } else { "ies" },
+                        r.kept,
+                        r.in_use.len(),
+                        punix::deploy::remote::IN_USE_MINUTES,
+                        r.pinned
+                    );
+                }
+                reports.push(json!({"builder": b.name, "ok": true, "report": r}));
+            }
+            Err(e) => {
+                reports.push(json!({"builder": b.name, "ok": false, "error": e.to_string()}));
+                failed.push((b.name.clone(), e));
+            }
+        }
+    }
+    if a.json {
+        print_json(&json!({ "registry": reg.path, "builders": reports }));
+    }
+    match failed.len() {
+        0 => Ok(()),
+        1 if chosen.len() == 1 => Err(failed.remove(0).1),
+        _ => {
+            for (name, e) in &failed {
+                eprintln!("error: {name}: {e}");
+            }
+            Err(punix::transport::TransportError::Other(format!(
+                "gc failed on {} of {} builder(s): {}",
+                failed.len(),
+                chosen.len(),
+                failed
+                    .iter()
+                    .map(|(n, _)| format!("`{n}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+            .into())
+        }
+    }
+}
+
+fn check(cx: &Context, a: CheckArgs) -> Result<(), Error> {
+    use punix::farm::remote::{self, CheckReport};
+    let reg = a.registry.load()?;
+    let chosen = chosen(&reg, a.name.as_ref())?;
     if chosen.is_empty() {
         if a.json {
             print_json(&json!({ "registry": reg.path, "builders": [] }));

@@ -42,7 +42,7 @@ pub enum Command {
     /// Deploy stacks of services, roll them back, show their state.
     #[command(subcommand)]
     Service(service::ServiceCommand),
-    /// Manage the build farm: list, add, remove and check builders.
+    /// Manage the build farm: list, add, remove, check and collect builders.
     #[command(subcommand)]
     Builders(builders::BuildersCommand),
     /// Write CI workflows: `punix ci matrix` builds a stack per system on
