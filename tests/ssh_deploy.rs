@@ -6,6 +6,8 @@
 //! parallel against one testbed.
 #![allow(clippy::unwrap_used)]
 
+#[path = "support/stderr_watch.rs"]
+mod stderr_watch;
 #[path = "support/testbed.rs"]
 mod testbed;
 
@@ -14,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use stderr_watch::StderrWatch;
 use testbed::{Host, Testbed, host_or_skip};
 
 const SECRET: &str = "ssh-s3cr3t-9d2e";
@@ -433,7 +436,6 @@ fn a_network_cut_mid_push_fails_within_the_timeout_and_a_retry_completes() {
             })
         })
     });
-    let child = run.child;
     // Cut the host's link (keeping its address, so it can come back).
     let netns = netns_of(&c);
     let keep = Command::new("ip")
@@ -454,7 +456,7 @@ fn a_network_cut_mid_push_fails_within_the_timeout_and_a_retry_completes() {
         .unwrap();
     assert!(down.success(), "cannot take the link of {netns} down");
     let t0 = Instant::now();
-    let out = child.wait_with_output().unwrap();
+    let out = run.wait();
     let took = t0.elapsed();
     let up = Command::new("ip")
         .args(["netns", "exec", &netns, "ip", "link", "set", "eth0", "up"])
@@ -1046,21 +1048,32 @@ fn a_mixed_arch_stack_from_a_binary_cache_deploys_with_no_builder() {
 /// with every process it started (rsync, ssh), as a crash would.
 struct Running {
     child: std::process::Child,
+    stderr: StderrWatch,
 }
 
 impl Running {
-    fn start(c: &Ctx, stack: &str, extra: &[&str], env: &[(&str, &str)]) -> Running {
+    /// Spawn `cmd` in a process group of its own, its standard error
+    /// watched.
+    fn spawn(cmd: &mut Command) -> Running {
         use std::os::unix::process::CommandExt;
-        let mut cmd = c.cmd();
-        cmd.args(c.service_args("deploy", stack, Some(&c.pkgs()), true))
-            .args(extra)
-            .envs(env.iter().copied())
+        let mut child = cmd
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
-            .process_group(0);
-        Running {
-            child: cmd.spawn().unwrap(),
-        }
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let stderr = StderrWatch::new(&mut child);
+        Running { child, stderr }
+    }
+
+    /// A deploy of `stack` with the test's recipes and unit directory.
+    fn start(c: &Ctx, stack: &str, extra: &[&str], env: &[(&str, &str)]) -> Running {
+        Running::spawn(
+            c.cmd()
+                .args(c.service_args("deploy", stack, Some(&c.pkgs()), true))
+                .args(extra)
+                .envs(env.iter().copied()),
+        )
     }
 
     /// Wait until `done` holds (at most a minute), checking it is alive.
@@ -1068,13 +1081,23 @@ impl Running {
         let deadline = Instant::now() + Duration::from_secs(60);
         while !done() {
             if let Some(status) = self.child.try_wait().unwrap() {
-                let mut err = String::new();
-                use std::io::Read;
-                let _ = self.child.stderr.take().unwrap().read_to_string(&mut err);
-                panic!("the deploy ended ({status}) before {what}:\n{err}");
+                panic!(
+                    "the deploy ended ({status}) before {what}:\n{}",
+                    self.stderr.text()
+                );
             }
             assert!(Instant::now() < deadline, "never: {what}");
             std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Its exit status and standard error, once it ended.
+    fn wait(mut self) -> Output {
+        let status = self.child.wait().unwrap();
+        Output {
+            status,
+            stdout: Vec::new(),
+            stderr: self.stderr.finish().into_bytes(),
         }
     }
 
@@ -1290,23 +1313,8 @@ fn a_deploy_killed_around_its_activation_is_finished_by_the_next_one() {
         a
     };
     let deploy = |extra: &[&str]| c.cmd().args(args(extra)).output().unwrap();
-    let spawn = |env: (&str, &str)| {
-        use std::os::unix::process::CommandExt;
-        c.cmd()
-            .args(args(&["--activate"]))
-            .env(env.0, env.1)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .process_group(0)
-            .spawn()
-            .unwrap()
-    };
-    let kill_group = |mut child: std::process::Child| {
-        // SAFETY: kill takes plain integers; a negative pid is the group.
-        let r = unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
-        assert_eq!(r, 0);
-        child.wait().unwrap();
-    };
+    let spawn =
+        |env: (&str, &str)| Running::spawn(c.cmd().args(args(&["--activate"])).env(env.0, env.1));
     // Which version the unit's process runs (`sleep 10000<version>`).
     let running = || {
         let o = c.ssh(
@@ -1327,9 +1335,9 @@ fn a_deploy_killed_around_its_activation_is_finished_by_the_next_one() {
     // Killed after the commit, before the activation: the target is wholly
     // on gen-002, whose units never restarted.
     systemd_stack(&c, "2", false);
-    let mut child = spawn(("PUNIX_TEST_PAUSE", "activate"));
-    wait_for_stderr(&mut child, "paused before activate");
-    kill_group(child);
+    let run = spawn(("PUNIX_TEST_PAUSE", "activate"));
+    run.stderr.wait_for("paused before activate");
+    run.kill_9();
     assert_eq!(c.current("Svc").as_deref(), Some("gen-002.json"));
     assert!(running().contains("sleep 100001"), "{}", running());
     let s = status();
@@ -1355,10 +1363,10 @@ fn a_deploy_killed_around_its_activation_is_finished_by_the_next_one() {
     // detached on the host and may have happened): the next deploy with
     // --activate restarts it, finds it failing and rolls back to gen-002.
     systemd_stack(&c, "3", true);
-    let mut child = spawn(("PUNIX_TRACE_TIMES", "1"));
-    wait_for_stderr(&mut child, " committed");
+    let run = spawn(("PUNIX_TRACE_TIMES", "1"));
+    run.stderr.wait_for(" committed");
     std::thread::sleep(Duration::from_millis(300));
-    kill_group(child);
+    run.kill_9();
     assert_eq!(c.current("Svc").as_deref(), Some("gen-003.json"));
     assert!(status().contains(PENDING));
     let err = fails(&deploy(&["--activate"]), 3);
@@ -1378,20 +1386,4 @@ fn a_deploy_killed_around_its_activation_is_finished_by_the_next_one() {
         "root",
         &format!("systemctl disable --now {unit}; rm -f /etc/systemd/system/{unit}; systemctl daemon-reload"),
     );
-}
-
-/// Read a child's standard error until a line holds `needle`.
-fn wait_for_stderr(child: &mut std::process::Child, needle: &str) {
-    use std::io::{BufRead, BufReader};
-    let mut reader = BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    loop {
-        line.clear();
-        if reader.read_line(&mut line).unwrap() == 0 {
-            panic!("punix ended before `{needle}`");
-        }
-        if line.contains(needle) {
-            return;
-        }
-    }
 }

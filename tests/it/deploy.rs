@@ -9,6 +9,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use crate::common::{Run, Test};
+use crate::stderr_watch::StderrWatch;
 
 const SECRET: &str = "s3cr3t-Value-7f1c";
 
@@ -70,6 +71,19 @@ fn deploy(t: &Test, extra: &[&str]) -> Run {
     let mut args = vec!["--file", pkgs.to_str().unwrap()];
     args.extend_from_slice(extra);
     service(t, "deploy", &args)
+}
+
+/// `punix service deploy Web --file FILE` to the test's target root, with
+/// the stack's secret in the environment, for a test to spawn.
+fn deploy_cmd(t: &Test, file: &Path) -> std::process::Command {
+    let mut c = t.cmd();
+    c.args(["service", "deploy", "Web", "--file"])
+        .arg(file)
+        .arg("--transport-root")
+        .arg(root(t))
+        .args(["--deployments-root", "/srv/deploy"])
+        .env("APP_TOKEN", SECRET);
+    c
 }
 
 /// `punix service CMD Web --transport-root ... ARGS` with the stack's
@@ -453,24 +467,6 @@ fn a_planted_symlink_is_never_written_through() {
     assert!(fs::read_dir(&elsewhere).unwrap().next().is_none());
 }
 
-fn wait_for_line(child: &mut std::process::Child, needle: &str) {
-    use std::io::{BufRead, BufReader};
-    let stderr = child.stderr.take().unwrap();
-    let mut reader = BufReader::new(stderr);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut line = String::new();
-    while Instant::now() < deadline {
-        line.clear();
-        if reader.read_line(&mut line).unwrap() == 0 {
-            panic!("punix ended before `{needle}`");
-        }
-        if line.contains(needle) {
-            return;
-        }
-    }
-    panic!("no `{needle}`");
-}
-
 fn killed_at(step: &str) {
     let t = Test::new();
     stack(&t, "old\\n");
@@ -480,28 +476,13 @@ fn killed_at(step: &str) {
     t.file("pkgs.toml", &text.replace("echo extra", "echo extra-new"));
     // Build first, so the pause is reached quickly.
     t.build(&[]).success();
-    let pkgs = t.pkgs();
-    let root = root(&t);
-    let mut child = t
-        .cmd()
-        .args([
-            "service",
-            "deploy",
-            "Web",
-            "--file",
-            pkgs.to_str().unwrap(),
-            "--transport-root",
-            root.to_str().unwrap(),
-            "--deployments-root",
-            "/srv/deploy",
-        ])
-        .env("APP_TOKEN", SECRET)
+    let mut child = deploy_cmd(&t, &t.pkgs())
         .env("PUNIX_TEST_PAUSE", step)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    wait_for_line(&mut child, &format!("paused before {step}"));
+    StderrWatch::new(&mut child).wait_for(&format!("paused before {step}"));
     child.kill().unwrap();
     child.wait().unwrap();
     // Wholly on the old generation.
@@ -543,24 +524,8 @@ fn a_journal_killed_between_generation_write_and_flip_is_rolled_forward() {
     stack(&t, "old\\n");
     deploy(&t, &[]).success();
     stack(&t, "new\\n");
-    let pkgs = t.pkgs();
-    let root = root(&t);
-    let mut child = t
-        .cmd()
-        .args([
-            "service",
-            "deploy",
-            "Web",
-            "--file",
-            pkgs.to_str().unwrap(),
-            "--transport-root",
-            root.to_str().unwrap(),
-            "--deployments-root",
-            "/srv/deploy",
-            "--timeout",
-            "5",
-        ])
-        .env("APP_TOKEN", SECRET)
+    let mut child = deploy_cmd(&t, &t.pkgs())
+        .args(["--timeout", "5"])
         .env("PUNIX_TEST_PAUSE", "flip")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -618,21 +583,8 @@ fn concurrent_deploys_of_one_stack_never_interleave() {
     stack(&t, "a\\n");
     t.build(&[]).success();
     let pkgs = t.pkgs();
-    let root = root(&t);
     let spawn = |conf_dir: &Path| {
-        t.cmd()
-            .args([
-                "service",
-                "deploy",
-                "Web",
-                "--file",
-                conf_dir.to_str().unwrap(),
-                "--transport-root",
-                root.to_str().unwrap(),
-                "--deployments-root",
-                "/srv/deploy",
-            ])
-            .env("APP_TOKEN", SECRET)
+        deploy_cmd(&t, conf_dir)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -956,52 +908,16 @@ fn a_store_path_gone_before_the_commit_fails_the_deploy_before_anything_changes(
     // A new config only: every store path is already on the target.
     stack(&t, "new\\n");
     let resume = t.path().join("resume");
-    let pkgs = t.pkgs();
     let root = root(&t);
-    let mut child = t
-        .cmd()
-        .args([
-            "service",
-            "deploy",
-            "Web",
-            "--file",
-            pkgs.to_str().unwrap(),
-            "--transport-root",
-            root.to_str().unwrap(),
-            "--deployments-root",
-            "/srv/deploy",
-        ])
-        .env("APP_TOKEN", SECRET)
+    let mut child = deploy_cmd(&t, &t.pkgs())
         .env("PUNIX_TEST_PAUSE", "commit")
         .env("PUNIX_TEST_RESUME", &resume)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    // Its standard error, read on as it runs (punix must not write into a
-    // closed pipe).
-    let err = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
-    let reader = {
-        let err = err.clone();
-        let mut pipe = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            use std::io::Read;
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = pipe.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                err.lock()
-                    .unwrap()
-                    .push_str(&String::from_utf8_lossy(&buf[..n]));
-            }
-        })
-    };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !err.lock().unwrap().contains("paused before commit") {
-        assert!(Instant::now() < deadline, "never paused");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let watch = StderrWatch::new(&mut child);
+    watch.wait_for("paused before commit");
     // Meanwhile a gc (say) takes one of the paths the deploy found there.
     let store_on_target = root.join(t.store().to_str().unwrap().trim_start_matches('/'));
     let lib = fs::read_dir(&store_on_target)
@@ -1018,8 +934,7 @@ fn a_store_path_gone_before_the_commit_fails_the_deploy_before_anything_changes(
     assert!(gone.success());
     fs::write(&resume, "").unwrap();
     let status = child.wait().unwrap();
-    reader.join().unwrap();
-    let err = err.lock().unwrap().clone();
+    let err = watch.finish();
     assert_eq!(status.code(), Some(3), "{err}");
     assert!(
         err.contains("-lib-1 is gone from the target") && err.contains("deploy again"),

@@ -5,4 +5,6 @@
 mod build;
 mod common;
 mod deploy;
+#[path = "../support/stderr_watch.rs"]
+mod stderr_watch;
 mod store;
