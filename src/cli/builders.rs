@@ -215,23 +215,7 @@ fn gc(cx: &Context, a: GcArgs) -> Result<(), Error> {
         match run() {
             Ok(r) => {
                 if !a.json {
-                    let verb = if a.dry_run { "would delete" } else { "deleted" };
-                    for n in &r.deleted {
-                        println!("{verb} {} on {}", store.entry_path(n).display(), b.name);
-                    }
-                    for p in &r.stale_pushes {
-                        println!("{verb} {p} on {} (a push left by a killed deploy)", b.name);
-                    }
-                    eprintln!(
-                        "{}: {verb} {} entr{}, kept {} ({} in use by a build or deploy within the last {} minutes, {} pinned by generations)",
-                        b.name,
-                        r.deleted.len(),
-                        if r.deleted.len() == 1 { "y" } else { "ies" },
-                        r.kept,
-                        r.in_use.len(),
-                        punix::deploy::remote::IN_USE_MINUTES,
-                        r.pinned
-                    );
+                    super::store::print_gc_target(&store, &r, &format!(" on {}", b.name));
                 }
                 reports.push(json!({"builder": b.name, "ok": true, "report": r}));
             }

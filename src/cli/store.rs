@@ -212,27 +212,7 @@ pub fn run(cx: &Context, cmd: StoreCommand) -> Result<(), Error> {
                 print_json(&serde_json::to_value(&report).unwrap_or_default());
                 return Ok(());
             }
-            let verb = if a.dry_run { "would delete" } else { "deleted" };
-            for n in &report.deleted {
-                println!("{verb} {}", store.entry_path(n).display());
-            }
-            for p in &report.stale_pushes {
-                println!("{verb} {p} (a push left by a killed deploy)");
-            }
-            for n in &report.in_use {
-                println!(
-                    "kept {} (not pinned, but a deploy or a build used it within the last {} minutes)",
-                    store.entry_path(n).display(),
-                    punix::deploy::remote::IN_USE_MINUTES
-                );
-            }
-            eprintln!(
-                "{verb} {} on {}, kept {} ({} pinned by generations)",
-                entries(report.deleted.len()),
-                report.target,
-                report.kept,
-                report.pinned
-            );
+            print_gc_target(&store, &report, "");
             Ok(())
         }
         StoreCommand::Gc(a) => {
@@ -575,4 +555,38 @@ fn entries(n: usize) -> String {
     } else {
         format!("{n} entries")
     }
+}
+
+/// The plain output of a gc on a target: a line per entry on stdout (each
+/// ending in `suffix`), the summary on stderr.
+pub(super) fn print_gc_target(
+    store: &punix::store::Store,
+    report: &punix::deploy::GcTargetReport,
+    suffix: &str,
+) {
+    let verb = if report.dry_run {
+        "would delete"
+    } else {
+        "deleted"
+    };
+    for n in &report.deleted {
+        println!("{verb} {}{suffix}", store.entry_path(n).display());
+    }
+    for p in &report.stale_pushes {
+        println!("{verb} {p}{suffix} (a push left by a killed deploy)");
+    }
+    for n in &report.in_use {
+        println!(
+            "kept {}{suffix} (not pinned, but a deploy or a build used it within the last {} minutes)",
+            store.entry_path(n).display(),
+            punix::deploy::remote::IN_USE_MINUTES
+        );
+    }
+    eprintln!(
+        "{verb} {} on {}, kept {} ({} pinned by generations)",
+        entries(report.deleted.len()),
+        report.target,
+        report.kept,
+        report.pinned
+    );
 }

@@ -928,11 +928,7 @@ fi
     );
     // What is there is marked in use first, so a `store gc --target` of
     // the builder keeps it for this build.
-    if !names.is_empty() {
-        s.push_str("cd \"$S\" && {\n");
-        s.push_str(&mark_in_use(names));
-        s.push_str("}\ncd /\n");
-    }
+    s.push_str(&mark_inputs(names));
     let _ = writeln!(
         s,
         "for n in {}; do [ -e \"$S/$n/built\" ] || echo \"missing=$n\"; done",
@@ -944,6 +940,14 @@ fi
 echo "build=$B""#
     );
     s
+}
+
+/// Mark the entries `names` of the builder's store (`$S`) in use.
+fn mark_inputs(names: &[String]) -> String {
+    if names.is_empty() {
+        return String::new();
+    }
+    format!("cd \"$S\" && {{\n{}}}\ncd /\n", mark_in_use(names))
 }
 
 /// What the prepare step found.
@@ -1031,11 +1035,7 @@ done
     }
     // All inputs marked in use again (the pushed ones kept the times they
     // had here) before they are checked.
-    if !b.closure.is_empty() {
-        s.push_str("cd \"$S\" && {\n");
-        s.push_str(&mark_in_use(b.closure));
-        s.push_str("}\ncd /\n");
-    }
+    s.push_str(&mark_inputs(b.closure));
     s.push_str("for n in");
     for n in b.closure {
         s.push(' ');
